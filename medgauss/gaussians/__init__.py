@@ -1,0 +1,26 @@
+"""Gaussians: the container every part of medgauss passes around, and its coordinate frames."""
+
+from medgauss.gaussians.container import Gaussians
+from medgauss.gaussians.coords import (
+    gaussians_to_normalized,
+    gaussians_to_world,
+    normalized_to_voxel_matrix,
+    normalized_to_world_matrix,
+    transform_gaussians,
+    transform_points,
+)
+from medgauss.gaussians.quaternions import normalize_quat, quat_multiply, quat_to_rotmat, rotmat_to_quat
+
+__all__ = [
+    "Gaussians",
+    "gaussians_to_normalized",
+    "gaussians_to_world",
+    "normalized_to_voxel_matrix",
+    "normalized_to_world_matrix",
+    "transform_gaussians",
+    "transform_points",
+    "normalize_quat",
+    "quat_multiply",
+    "quat_to_rotmat",
+    "rotmat_to_quat",
+]

@@ -1,0 +1,6 @@
+"""Differentiable rendering of Gaussians: volumetric splatting (and X-ray projection)."""
+
+from medgauss.render.api import splat
+from medgauss.render.dispatch import BACKENDS, available_backends, resolve_backend
+
+__all__ = ["splat", "BACKENDS", "available_backends", "resolve_backend"]

@@ -1,0 +1,103 @@
+"""Pieces every splat backend shares: input checks, voxel grids, culling extents, packed precisions.
+
+Kept in one module so that the backends cannot drift apart on a decision (what counts as inside
+the cutoff, where a voxel centre is, how integer points map to normalised coordinates).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from medgauss.gaussians import Gaussians
+
+# Order of the packed upper triangle of a symmetric 3x3 precision matrix.
+PRECISION_PACKING = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+def check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """Validate a spatial ``shape`` ``(D, H, W)`` of positive ints."""
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError as exc:
+        raise ValueError(f"shape must be a sequence of three ints (D, H, W), got {shape!r}") from exc
+    if len(out) != 3 or min(out, default=0) <= 0 or any(int(s) != s for s in shape):
+        raise ValueError(f"shape must be three positive ints (D, H, W), got {tuple(shape)}")
+    return out  # type: ignore[return-value]
+
+
+def check_cutoff(cutoff: float | None) -> float | None:
+    """``None`` (every term) or a positive finite Mahalanobis distance."""
+    if cutoff is None:
+        return None
+    c = float(cutoff)
+    if not (math.isfinite(c) and c > 0):
+        raise ValueError(f"cutoff must be a positive finite number or None, got {cutoff!r}")
+    return c
+
+
+def check_gaussians(gaussians: object) -> Gaussians:
+    if not isinstance(gaussians, Gaussians):
+        raise ValueError(f"gaussians must be a medgauss.gaussians.Gaussians, got {type(gaussians).__name__}")
+    return gaussians
+
+
+def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int, int]) -> Tensor:
+    """Validate query ``points`` and return them as normalised float coordinates ``[B, M, 3]``.
+
+    Float points are normalised coordinates and must lie in ``[0, 1]``; integer points are voxel
+    indices ``(d, h, w)`` and must lie in ``[0, n - 1]`` per axis (mapped to ``(i + 0.5) / n``).
+    """
+    if not isinstance(points, Tensor):
+        raise ValueError(f"points must be a torch.Tensor, got {type(points).__name__}")
+    b = gaussians.batch_size
+    if points.ndim != 3 or points.shape[0] != b or points.shape[2] != 3:
+        raise ValueError(f"points must have shape [B={b}, M, 3], got {tuple(points.shape)}")
+    if points.device != gaussians.device:
+        raise ValueError(f"points is on {points.device} but gaussians are on {gaussians.device}")
+    sizes = torch.tensor(shape, device=points.device)
+    if points.is_floating_point():
+        if not bool(torch.isfinite(points).all()):
+            raise ValueError("points contains non-finite values (NaN or inf)")
+        if points.numel() and not bool(((points >= 0) & (points <= 1)).all()):
+            raise ValueError("float points are normalised coordinates and must lie in [0, 1]; got range "
+                             f"[{points.min().item():.4g}, {points.max().item():.4g}]")
+        return points.to(gaussians.dtype)
+    if points.dtype == torch.bool or points.is_complex():
+        raise ValueError(f"points must be float (normalised) or integer (voxel indices), got {points.dtype}")
+    if points.numel() and not bool(((points >= 0) & (points < sizes)).all()):
+        raise ValueError(f"integer points are voxel indices and must lie in [0, n-1] for shape {shape}; got "
+                         f"range [{points.min().item()}, {points.max().item()}]")
+    return (points.to(gaussians.dtype) + 0.5) / sizes.to(gaussians.dtype)
+
+
+def voxel_centers(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Normalised centres ``[D*H*W, 3]`` of every voxel, in C (D, H, W) order."""
+    axes = [(torch.arange(n, dtype=dtype, device=device) + 0.5) / n for n in shape]
+    grid = torch.meshgrid(*axes, indexing="ij")
+    return torch.stack(grid, dim=-1).reshape(-1, 3)
+
+
+def precision_upper(gaussians: Gaussians) -> Tensor:
+    """Packed precision ``[B, N, 6]`` = (P00, P11, P22, P01, P02, P12), differentiable.
+
+    The Mahalanobis form is ``q = P00 r0^2 + P11 r1^2 + P22 r2^2 + 2 (P01 r0 r1 + P02 r0 r2 + P12 r1 r2)``.
+    """
+    p = gaussians.precision()
+    return torch.stack([p[..., i, j] for i, j in PRECISION_PACKING], dim=-1)
+
+
+@torch.no_grad()
+def half_extents(gaussians: Gaussians, cutoff: float | None) -> Tensor:
+    """Axis-aligned half-size ``[B, N, 3]`` of the ellipsoid ``q < cutoff^2``: ``cutoff * sqrt(Sigma_aa)``.
+
+    With ``cutoff=None`` every Gaussian reaches everywhere (``inf``).
+    """
+    if cutoff is None:
+        return torch.full_like(gaussians.means, math.inf).detach()
+    r = gaussians.rotation_matrices()
+    var = (r.square() * gaussians.scales.square().unsqueeze(-2)).sum(-1)
+    return (cutoff * var.sqrt()).detach()
