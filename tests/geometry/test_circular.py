@@ -1,0 +1,135 @@
+"""Geometry contract: rays, pixel centres, projection matrices, affine, JSON, validation."""
+
+import math
+
+import pytest
+import torch
+
+from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry, geometry_from_json
+
+COMMON = dict(det_shape=(6, 8), det_spacing=(1.1, 1.3), vol_shape=(5, 7, 9), vol_spacing=(1.0, 2.0, 1.5),
+              angles=[0.0, 0.7, 2.0, 4.5], det_offset=(0.4, -0.6), vol_offset=(1.0, -2.0, 3.0))
+
+
+def cone(**kw):
+    args = dict(dso=500.0, dsd=800.0, **COMMON)
+    args.update(kw)
+    return ConeBeamGeometry(**args)
+
+
+def parallel(**kw):
+    args = dict(COMMON)
+    args.update(kw)
+    return ParallelBeamGeometry(**args)
+
+
+def homogeneous_project(matrices, points):
+    h = torch.einsum("vij,v...j->v...i", matrices, torch.cat((points, torch.ones_like(points[..., :1])), -1))
+    return h[..., 0] / h[..., 2], h[..., 1] / h[..., 2]
+
+
+@pytest.mark.parametrize("make", [cone, parallel])
+@pytest.mark.parametrize("downsample", [1, 2])
+def test_projection_matrices_map_ray_points_to_their_pixel(make, downsample):
+    geo = make()
+    origins, dirs = geo.rays(downsample=downsample, dtype=torch.float64)
+    _, rows, cols = geo.output_shape(downsample)
+    P = geo.projection_matrices(downsample)
+    for t in (120.0, 500.0, 650.0):
+        col, row = homogeneous_project(P, origins + t * dirs)
+        torch.testing.assert_close(col, torch.arange(cols, dtype=torch.float64).expand_as(col))
+        torch.testing.assert_close(row, torch.arange(rows, dtype=torch.float64)[:, None].expand_as(row))
+
+
+def test_cone_rays_follow_the_contract():
+    geo = cone()
+    o, d = geo.rays(dtype=torch.float64)
+    assert o.shape == d.shape == (4, 6, 8, 3)
+    torch.testing.assert_close(d.norm(dim=-1), torch.ones(4, 6, 8, dtype=torch.float64))
+    theta = 0.7
+    e_s = torch.tensor([math.cos(theta), math.sin(theta), 0.0], dtype=torch.float64)
+    u = torch.tensor([-math.sin(theta), math.cos(theta), 0.0], dtype=torch.float64)
+    v = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64)
+    torch.testing.assert_close(o[1, 2, 3], 500.0 * e_s)
+    r, c = 2, 5  # pixel centre written out from the contract formula
+    pix = -(800.0 - 500.0) * e_s + (c - 3.5) * 1.3 * u + (r - 2.5) * 1.1 * v + (-0.6) * u + 0.4 * v
+    torch.testing.assert_close(d[1, r, c], (pix - 500.0 * e_s) / (pix - 500.0 * e_s).norm())
+    torch.testing.assert_close(geo.pixel_centers()[1, r, c], pix)
+
+
+def test_parallel_rays_follow_the_contract():
+    geo = parallel()
+    o, d = geo.rays(dtype=torch.float64)
+    theta = 2.0
+    e_s = torch.tensor([math.cos(theta), math.sin(theta), 0.0], dtype=torch.float64)
+    torch.testing.assert_close(d[2], (-e_s).expand(6, 8, 3))
+    u = torch.tensor([-math.sin(theta), math.cos(theta), 0.0], dtype=torch.float64)
+    pix = (7 - 3.5) * 1.3 * u + (0 - 2.5) * 1.1 * torch.tensor([0, 0, -1.0], dtype=torch.float64) \
+        + (-0.6) * u + torch.tensor([0, 0, -0.4], dtype=torch.float64)
+    torch.testing.assert_close(o[2, 0, 7], pix)
+    assert geo.projection_matrices()[:, 2].tolist() == [[0.0, 0.0, 0.0, 1.0]] * 4
+
+
+def test_downsample_keeps_the_detector_centre():
+    geo = cone(det_shape=(8, 8))
+    full = geo.pixel_centers().mean(dim=(1, 2))
+    half = geo.pixel_centers(downsample=2)
+    assert half.shape == (4, 4, 4, 3)
+    torch.testing.assert_close(half.mean(dim=(1, 2)), full)
+    step = geo.pixel_centers()[:, 0, 1] - geo.pixel_centers()[:, 0, 0]
+    torch.testing.assert_close(half[:, 0, 1] - half[:, 0, 0], 2 * step)
+
+
+def test_volume_affine_matches_the_contract():
+    geo = cone()
+    A = geo.volume_affine
+    d, h, w = 3, 5, 2
+    x = (w - 4) * 1.5 + 3.0
+    y = (h - 3) * 2.0 - 2.0
+    z = (d - 2) * 1.0 + 1.0
+    torch.testing.assert_close(A @ torch.tensor([d, h, w, 1.0], dtype=torch.float64),
+                               torch.tensor([x, y, z, 1.0], dtype=torch.float64))
+
+
+def test_plucker_is_direction_and_moment():
+    geo = cone()
+    emb = geo.plucker(dtype=torch.float64)
+    o, d = geo.rays(dtype=torch.float64)
+    assert emb.shape == (4, 6, 6, 8)
+    torch.testing.assert_close(emb[:, :3].permute(0, 2, 3, 1), d)
+    # the moment is the same for any point on the ray
+    torch.testing.assert_close(emb[:, 3:].permute(0, 2, 3, 1), torch.linalg.cross(o + 37.0 * d, d, dim=-1))
+
+
+@pytest.mark.parametrize("make", [cone, parallel])
+def test_json_round_trip(make):
+    geo = make()
+    back = geometry_from_json(geo.to_json())
+    assert type(back) is type(geo) and back == geo
+    torch.testing.assert_close(back.projection_matrices(), geo.projection_matrices())
+    assert geo.subset([2, 0]).angles.tolist() == [2.0, 0.0]
+
+
+def test_from_json_rejects_wrong_class_and_garbage():
+    with pytest.raises(ValueError, match="ConeBeamGeometry"):
+        ConeBeamGeometry.from_json(parallel().to_json())
+    with pytest.raises(ValueError, match="parsed"):
+        geometry_from_json("{not json")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dso=0.0), "dso"),
+        (dict(dsd=-5.0), "dsd"),
+        (dict(dsd=400.0), "exceed"),
+        (dict(dso=5.0, dsd=800.0), "inside the volume"),
+        (dict(angles=[]), "empty"),
+        (dict(det_shape=(0, 4)), "det_shape"),
+        (dict(vol_spacing=(1.0, -1.0, 1.0)), "vol_spacing"),
+        (dict(angles=[[0.0, 1.0]]), "1-D"),
+    ],
+)
+def test_validation_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cone(**kwargs)
