@@ -31,6 +31,19 @@ _IMPLEMENTATIONS: dict[str, dict[str, str]] = {
         "numba": "medgauss.render._numba:splat",
         "triton": "medgauss.render._triton:splat",
     },
+    "project": {
+        "torch": "medgauss.render._xray_torch:project",
+        "numba": "medgauss.render._xray_numba:project",
+        "triton": "medgauss.render._xray_triton:project",
+    },
+    "forward_project": {
+        "torch": "medgauss.ct._torch_proj:forward_project",
+        "numba": "medgauss.ct._numba_proj:forward_project",
+    },
+    "back_project": {
+        "torch": "medgauss.ct._torch_proj:back_project",
+        "numba": "medgauss.ct._numba_proj:back_project",
+    },
 }
 
 _AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("numba", "torch")}

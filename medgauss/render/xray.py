@@ -1,0 +1,212 @@
+"""Differentiable X-ray projection of Gaussians: exact line integrals per detector ray.
+
+The line integral of ``I exp(-0.5 (x - mu)^T P (x - mu))`` along ``x = o + t d`` (``d`` unit,
+``t`` over the whole real line) is, with ``r = o - mu``, ``a = d^T P d``, ``b = d^T P r`` and
+``c = r^T P r``::
+
+    I * sqrt(2 pi / a) * exp(-0.5 (c - b^2 / a))
+
+``c - b^2 / a`` is the smallest squared Mahalanobis distance from the Gaussian's centre to the
+ray. Every backend evaluates this closed form for each (ray, Gaussian) pair, with the ray's own
+direction (so it is exact for cone beam too, not an affine/EWA footprint), and counts a Gaussian
+on a ray only where that distance is below ``cutoff`` (the same rule as :func:`splat`).
+
+This module holds the public entry point and the decisions every backend shares:
+
+* :func:`footprint_pixel_rects`: the exact pixel bounding box of each Gaussian's cutoff
+  ellipsoid in each view (a ray meets the ellipsoid only if its pixel lies in the box);
+* :func:`tile_rects`: the same boxes in units of pixel tiles, used to bin Gaussians into tiles.
+
+The backends are the pure-torch reference (:mod:`medgauss.render._xray_torch`, dense, no culling),
+numba (:mod:`medgauss.render._xray_numba`) and Triton (:mod:`medgauss.render._xray_triton`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from medgauss.gaussians import Gaussians
+from medgauss.render import _common
+from medgauss.render.dispatch import get_implementation, resolve_backend
+
+__all__ = ["project", "footprint_pixel_rects", "tile_rects", "TILE_SHAPE"]
+
+# Detector tile (rows, cols) used to bin Gaussians for the culled backends.
+TILE_SHAPE = (16, 16)
+
+# Safety margin (in pixels) added around every footprint so that rounding in the float32 kernels
+# can never move a ray that meets the cutoff ellipsoid out of the box.
+_FOOTPRINT_MARGIN_PX = 1e-2
+
+# Views x Gaussians evaluated at once when computing footprints (bounds temporary memory).
+_FOOTPRINT_CHUNK = 1 << 22
+
+
+def project(
+    gaussians: Gaussians,
+    geometry: Any,
+    *,
+    cutoff: float | None = 3.0,
+    view_ids: Sequence[int] | Tensor | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Line integrals of a sum of Gaussians along every detector ray (differentiable).
+
+    Args:
+        gaussians: ``B`` x ``N`` Gaussians in WORLD millimetres (the geometry's frame: x, y, z,
+            rotation axis z). ``intensities [B, N]`` is the linear attenuation at each centre
+            (per mm); ``scales`` are standard deviations in mm.
+        geometry: a :class:`medgauss.geometry.ConeBeamGeometry` or
+            :class:`medgauss.geometry.ParallelBeamGeometry` (anything with the same ``rays``,
+            ``projection_matrices``, ``num_views`` and ``det_shape``).
+        cutoff: Mahalanobis truncation radius: a Gaussian contributes to a ray only where the
+            ray's smallest Mahalanobis distance to its centre is below ``cutoff``; ``None``
+            integrates every Gaussian on every ray.
+        view_ids: optional 1-D integer indices of the views to render (default: all views).
+        backend: ``"auto"`` | ``"torch"`` | ``"numba"`` | ``"triton"`` (see
+            :mod:`medgauss.render.dispatch`).
+
+    Returns:
+        ``[B, V, rows, cols]`` line integrals (dimensionless), ``V`` = number of rendered views,
+        in the dtype and on the device of ``gaussians``. Gradients flow to means, scales, quats
+        and intensities for every backend.
+    """
+    gaussians = _common.check_gaussians(gaussians)
+    cutoff = _common.check_cutoff(cutoff)
+    _check_geometry(geometry)
+    ids = _check_view_ids(view_ids, int(geometry.num_views))
+    dtype, device = gaussians.dtype, gaussians.device
+    origins, directions = geometry.rays(view_ids=None if ids is None else ids.tolist(),
+                                        dtype=torch.float64, device=device)
+    n_views = int(geometry.num_views) if ids is None else int(ids.numel())
+    rows, cols = (int(s) for s in geometry.det_shape)
+    for name, t in (("origins", origins), ("directions", directions)):
+        if tuple(t.shape) != (n_views, rows, cols, 3):
+            raise ValueError(f"geometry.rays() returned {name} of shape {tuple(t.shape)}, expected "
+                             f"[V={n_views}, rows={rows}, cols={cols}, 3]")
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    matrices = torch.as_tensor(geometry.projection_matrices(), dtype=torch.float64).to(device)
+    if ids is not None:
+        matrices = matrices[ids.to(matrices.device)]
+    if tuple(matrices.shape) != (n_views, 3, 4):
+        raise ValueError(f"geometry.projection_matrices() must give [V, 3, 4] for the rendered views, got "
+                         f"{tuple(matrices.shape)}")
+    name = resolve_backend("project", backend, device)
+    return get_implementation("project", name)(
+        gaussians, origins.to(dtype), directions.to(dtype), matrices, cutoff=cutoff)
+
+
+def _check_geometry(geometry: Any) -> None:
+    needed = ("rays", "projection_matrices", "num_views", "det_shape")
+    missing = [a for a in needed if not hasattr(geometry, a)]
+    if missing:
+        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry (with rays(), "
+                         f"projection_matrices(), num_views, det_shape); got {type(geometry).__name__} "
+                         f"lacking {missing}")
+
+
+def _check_view_ids(view_ids: Sequence[int] | Tensor | None, num_views: int) -> Tensor | None:
+    """``None`` or a validated 1-D int64 CPU tensor of view indices in ``[0, num_views)``."""
+    if view_ids is None:
+        return None
+    try:
+        ids = torch.as_tensor(view_ids).cpu()
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"view_ids must be a 1-D sequence of ints, got {view_ids!r}") from exc
+    if ids.ndim != 1 or ids.numel() == 0:
+        raise ValueError(f"view_ids must be a non-empty 1-D sequence of ints, got shape {tuple(ids.shape)}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"view_ids must be integers, got dtype {ids.dtype}")
+    if int(ids.min()) < 0 or int(ids.max()) >= num_views:
+        raise ValueError(f"view_ids must lie in [0, {num_views - 1}] (geometry.num_views={num_views}), got "
+                         f"range [{int(ids.min())}, {int(ids.max())}]")
+    return ids.long()
+
+
+@torch.no_grad()
+def footprint_pixel_rects(
+    gaussians: Gaussians, matrices: Tensor, det_shape: tuple[int, int], cutoff: float | None
+) -> Tensor:
+    """Pixel box of every Gaussian's cutoff ellipsoid in every view, exact up to a tiny margin.
+
+    The ellipsoid ``E = {x : (x - mu)^T Sigma^{-1} (x - mu) <= cutoff^2}`` projects (for cone beam,
+    through the source) onto the detector. The column coordinate ``u(x) = (p0 . x) / (p2 . x)``
+    (``p_k`` the rows of the ``[3, 4]`` projection matrix, ``x`` homogeneous) is extreme on ``E``
+    where the plane ``(p0 - u p2) . x = 0`` touches ``E``; a plane ``n . x + n4 = 0`` touches it iff
+    ``(n . mu + n4)^2 = cutoff^2 n^T Sigma n``, a quadratic in ``u`` whose roots bound the columns
+    (rows likewise with ``p1``). When ``E`` meets the plane through the source parallel to the
+    detector (``p2 . x = 0``), its image is unbounded and the whole detector is returned.
+    Parallel beam (``p2 = (0, 0, 0, 1)``) reduces to ``u = p0 . mu +- cutoff sqrt(p0^T Sigma p0)``.
+
+    A ray whose smallest Mahalanobis distance is below ``cutoff`` meets ``E``, so its pixel centre
+    lies in the box: culling with these boxes never drops a contributing (ray, Gaussian) pair.
+
+    Args:
+        gaussians: ``B`` x ``N`` Gaussians in world mm.
+        matrices: ``[V, 3, 4]`` float64 world-to-pixel projection matrices (pixel centres at
+            integers, ``(col * w, row * w, w)``).
+        det_shape: detector ``(rows, cols)``.
+        cutoff: Mahalanobis radius, or ``None`` (every box is the whole detector).
+
+    Returns:
+        ``[B, V, N, 4]`` int32 inclusive pixel ranges ``(row_min, row_max, col_min, col_max)``
+        clipped to the detector; a box with ``row_min > row_max`` or ``col_min > col_max`` is empty.
+    """
+    rows, cols = det_shape
+    b, n = gaussians.batch_size, gaussians.num_gaussians
+    v = matrices.shape[0]
+    device = gaussians.device
+    full = torch.tensor([0, rows - 1, 0, cols - 1], dtype=torch.int32, device=device)
+    if cutoff is None:
+        return full.expand(b, v, n, 4).contiguous()
+    mu = gaussians.means.detach().to(torch.float64)
+    sigma = gaussians.covariance().detach().to(torch.float64) * (cutoff * cutoff)  # [B, N, 3, 3]
+    mu_h = torch.cat((mu, torch.ones_like(mu[..., :1])), dim=-1)  # [B, N, 4]
+    out = []
+    step = max(1, _FOOTPRINT_CHUNK // max(1, b * n))
+    for start in range(0, v, step):
+        p = matrices[start:start + step].to(device=device, dtype=torch.float64)  # [v, 3, 4]
+        alpha = torch.einsum("vkj,bnj->bvnk", p, mu_h)  # [B, v, N, 3]
+        sp = torch.einsum("bnij,vkj->bvnik", sigma, p[..., :3])  # Sigma p_k: [B, v, N, 3, 3(k)]
+        pk = p[..., :3][None, :, None]  # [1, v, 1, 3(k), 3(i)]
+
+        def beta(j: int, k: int, sp: Tensor = sp, pk: Tensor = pk) -> Tensor:
+            return (pk[..., j, :] * sp[..., :, k]).sum(-1)
+
+        a_coef = alpha[..., 2].square() - beta(2, 2)
+        bounded = a_coef > 1e-12 * (alpha[..., 2].square() + beta(2, 2))
+        safe_a = torch.where(bounded, a_coef, torch.ones_like(a_coef))
+        bounds = []
+        for k, size in ((1, rows), (0, cols)):  # rows from p1, columns from p0
+            half_b = alpha[..., k] * alpha[..., 2] - beta(k, 2)
+            c_coef = alpha[..., k].square() - beta(k, k)
+            root = (half_b.square() - safe_a * c_coef).clamp_min(0).sqrt()
+            lo = (half_b - root) / safe_a
+            hi = (half_b + root) / safe_a
+            lo = torch.where(bounded, lo, torch.full_like(lo, -math.inf))
+            hi = torch.where(bounded, hi, torch.full_like(hi, math.inf))
+            margin = _FOOTPRINT_MARGIN_PX + 1e-9 * torch.maximum(lo.abs(), hi.abs()).nan_to_num(0, 0, 0)
+            first = torch.ceil((lo - margin).clamp(-1.0, float(size)))
+            last = torch.floor((hi + margin).clamp(-1.0, float(size)))
+            bounds += [first.clamp_min(0), last.clamp_max(size - 1)]
+        out.append(torch.stack(bounds, dim=-1).to(torch.int32))
+    return torch.cat(out, dim=1) if out else full.expand(b, 0, n, 4).contiguous()
+
+
+def tile_rects(pixel_rects: Tensor, tile_shape: tuple[int, int] = TILE_SHAPE) -> Tensor:
+    """Tile ranges ``[..., 4]`` (inclusive, int32) covering the pixel ranges ``[..., 4]``.
+
+    Empty pixel boxes give empty tile boxes (``first > last``).
+    """
+    th, tw = tile_shape
+    r0, r1, c0, c1 = pixel_rects.unbind(-1)
+    empty = (r0 > r1) | (c0 > c1)
+    t = torch.stack((r0 // th, r1 // th, c0 // tw, c1 // tw), dim=-1)
+    t[..., 0] = torch.where(empty, torch.ones_like(r0), t[..., 0])
+    t[..., 1] = torch.where(empty, torch.zeros_like(r0), t[..., 1])
+    return t.to(torch.int32)
