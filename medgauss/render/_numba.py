@@ -1,0 +1,251 @@
+"""Numba CPU backend of :func:`medgauss.render.splat`: adapter between torch and the kernels.
+
+Torch computes, with autograd, the packed precision ``[B, N, 6]`` of the Gaussians; a
+``torch.autograd.Function`` takes ``(means, precision, intensities)``, runs the float64 kernels of
+:mod:`medgauss.render._numba_kernels` and returns the gradients of those three tensors, so the
+gradients with respect to scales and quaternions follow from torch's chain rule. No kernel
+allocates anything of size voxels x N: memory is a few volumes (float64 output, upstream
+gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussian lists).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from medgauss.gaussians import Gaussians
+from medgauss.render import _numba_kernels as kernels
+from medgauss.render._common import PRECISION_PACKING, precision_upper
+
+__all__ = ["splat"]
+
+# exp(-q/2) is exactly 0.0 in float64 for q > 1490.3; terms beyond this are skipped, also when
+# cutoff=None, without changing any float64 result (float32 underflows much earlier).
+EXP_UNDERFLOW_Q = 1500.0
+# Relative and absolute (voxels) padding of the culling boxes of point mode; the exact test
+# q < cutoff^2 decides every pair, the padding only guarantees that culling never drops one.
+_BOX_PAD_REL = 1e-3
+_BOX_PAD_ABS = 1e-3
+# Candidate cells per axis of the point-mode grid, and the largest CSR size (entries) allowed.
+_GRID_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+_MAX_GRID_ENTRIES = 1 << 23
+# Largest total size (float64 numbers) of the private gradient buffers of the point backward pass.
+_MAX_BUFFER_NUMBERS = 1 << 23
+
+
+def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor | None = None,
+          cutoff: float | None = 3.0) -> Tensor:
+    """Numba backend of :func:`medgauss.render.splat` (arguments already validated there).
+
+    Args:
+        gaussians: ``B`` x ``N`` Gaussians in normalised volume coordinates, on the CPU.
+        shape: ``(D, H, W)``.
+        points: ``None`` or normalised coordinates ``[B, M, 3]`` of the Gaussians' dtype.
+        cutoff: Mahalanobis truncation radius, or ``None`` (every term that is non-zero in float64).
+
+    Returns:
+        ``[B, 1, D, H, W]`` at voxel centres, or ``[B, M]`` at ``points``; dtype of the Gaussians.
+        Differentiable with respect to means, scales, quats and intensities.
+    """
+    b, n = gaussians.batch_size, gaussians.num_gaussians
+    m = math.prod(shape) if points is None else points.shape[1]
+    if b == 0 or n == 0 or m == 0:
+        out = gaussians.intensities.sum(-1, keepdim=True).expand(b, m) * 0  # keeps the graph connected
+        return out.reshape(b, 1, *shape) if points is None else out
+    c2 = EXP_UNDERFLOW_Q if cutoff is None else min(float(cutoff) ** 2, EXP_UNDERFLOW_Q)
+    return _NumbaSplat.apply(gaussians.means, precision_upper(gaussians), gaussians.intensities,
+                             tuple(shape), c2, points)
+
+
+@dataclass
+class _Prepared:
+    """Float64 kernel inputs of one call, kept for the backward pass."""
+
+    params: np.ndarray  # [B*N, NUM_PARAMS]
+    prec_voxel: np.ndarray  # [B*N, 6] packed precision in voxel units
+    sizes: np.ndarray  # [3] (D, H, W) as float64
+    batch: int
+
+
+class _NumbaSplat(torch.autograd.Function):
+    """``(means [B,N,3], precision [B,N,6], intensities [B,N]) -> volume or point values``."""
+
+    @staticmethod
+    def forward(ctx, means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
+                c2: float, points: Tensor | None) -> Tensor:
+        prep = _prepare(means, prec6, intensities, shape, c2)
+        b, n = means.shape[:2]
+        depth, height, width = shape
+        if points is None:
+            d_lo, d_hi = _slab_ranges(prep, c2, depth)
+            out = kernels.dense_forward(prep.params, d_lo, d_hi, b, depth, height, width, c2)
+            ctx.dense = (d_lo, d_hi)
+            result = torch.from_numpy(out).reshape(b, 1, depth, height, width)
+        else:
+            coords, point_cell, offsets, entries = _bin_points(prep, points, c2)
+            out = kernels.points_forward(prep.params, coords, point_cell, offsets, entries, c2)
+            ctx.points = (coords, point_cell, offsets, entries)
+            ctx.dense = None
+            result = torch.from_numpy(out).reshape(b, points.shape[1])
+        ctx.prep, ctx.shape, ctx.c2 = prep, shape, c2
+        ctx.dtype = means.dtype
+        return result.to(means.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        prep: _Prepared = ctx.prep
+        grad = grad_out.detach().to(torch.float64).contiguous().reshape(-1).numpy()
+        if ctx.dense is not None:
+            depth, height, width = ctx.shape
+            sums = kernels.dense_backward(prep.params, *ctx.dense, grad, prep.batch, depth, height, width,
+                                          ctx.c2)
+        else:
+            coords, point_cell, offsets, entries = ctx.points
+            sums = kernels.points_backward(prep.params, coords, point_cell, offsets, entries, ctx.c2, grad,
+                                           _num_chunks(coords.shape[0], prep.params.shape[0]))
+        grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
+        b = prep.batch
+
+        def as_tensor(a: np.ndarray, *tail: int) -> Tensor:
+            return torch.from_numpy(a).reshape(b, -1, *tail).to(ctx.dtype)
+
+        return as_tensor(grad_means, 3), as_tensor(grad_prec, 6), as_tensor(grad_int), None, None, None
+
+
+def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
+             c2: float) -> _Prepared:
+    """Per-Gaussian kernel parameters (voxel units, factored precision) ``[B*N, NUM_PARAMS]``."""
+    if means.device.type != "cpu":
+        raise ValueError(f"the numba backend needs CPU tensors, got means on {means.device}")
+    sizes = np.asarray(shape, dtype=np.float64)
+    mean = _to_numpy(means).reshape(-1, 3) * sizes - 0.5
+    prec = _to_numpy(prec6).reshape(-1, 6) / np.array([sizes[i] * sizes[j] for i, j in PRECISION_PACKING])
+    p00, p11, p22, p01, p02, p12 = prec.T
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        a = p22
+        s00 = p00 - p02 * p02 / a
+        s01 = p01 - p02 * p12 / a
+        s11 = p11 - p12 * p12 / a
+        schur_d = s00 - s01 * s01 / s11
+        params = np.empty((mean.shape[0], kernels.NUM_PARAMS))
+        params[:, kernels.M0:kernels.M2 + 1] = mean
+        params[:, kernels.SCHUR_D] = schur_d
+        params[:, kernels.SCHUR_H] = s11
+        params[:, kernels.SLOPE1] = -s01 / s11
+        params[:, kernels.PREC_W] = a
+        params[:, kernels.SLOPE20] = -p02 / a
+        params[:, kernels.SLOPE21] = -p12 / a
+        params[:, kernels.DECAY] = np.exp(-a)
+        params[:, kernels.INTENSITY] = _to_numpy(intensities).reshape(-1)
+    pivots = np.stack([a, s11, schur_d], axis=1)
+    bad = ~(np.isfinite(params).all(axis=1) & (pivots > 0).all(axis=1))
+    if bad.any():
+        g = int(np.flatnonzero(bad)[0])
+        n = means.shape[1]
+        raise ValueError(f"gaussians: the precision of Gaussian (b={g // n}, n={g % n}) is not positive definite "
+                         f"in float64 (pivots {pivots[g].tolist()}); its scales are too anisotropic for "
+                         f"{means.dtype}")
+    return _Prepared(params=params, prec_voxel=prec, sizes=sizes, batch=means.shape[0])
+
+
+def _to_numpy(t: Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).contiguous().numpy()
+
+
+def _slab_ranges(prep: _Prepared, c2: float, depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive D-slab range ``[B*N]`` each Gaussian may touch (one slab of slack each side)."""
+    m0 = prep.params[:, kernels.M0]
+    half = np.sqrt(c2 / prep.params[:, kernels.SCHUR_D])
+    d_lo = np.clip(np.ceil(m0 - half) - 1, 0, depth).astype(np.int64)
+    d_hi = np.clip(np.floor(m0 + half) + 1, -1, depth - 1).astype(np.int64)
+    return d_lo, d_hi
+
+
+def _half_extents_voxels(prep: _Prepared, c2: float) -> np.ndarray:
+    """Padded half-size ``[B*N, 3]`` (voxels) of each ellipsoid ``q < c2`` along D, H, W."""
+    p00, p11, p22, p01, p02, p12 = prep.prec_voxel.T
+    det = prep.params[:, kernels.PREC_W] * prep.params[:, kernels.SCHUR_H] * prep.params[:, kernels.SCHUR_D]
+    variances = np.stack([p11 * p22 - p12 * p12, p00 * p22 - p02 * p02, p00 * p11 - p01 * p01], axis=1)
+    half = np.sqrt(c2 * np.maximum(variances, 0.0) / det[:, None])
+    return half * (1 + _BOX_PAD_REL) + _BOX_PAD_ABS
+
+
+def _cell_boxes(centers: np.ndarray, half: np.ndarray, sizes: np.ndarray, grid: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Inclusive cell box ``[B*N, 3]`` of each Gaussian in a ``grid^3`` grid over ``[0, 1]^3``.
+
+    Gaussians entirely outside the volume get an empty box (``hi < lo``).
+    """
+    lo_x = (centers - half + 0.5) / sizes
+    hi_x = (centers + half + 0.5) / sizes
+    lo = np.clip(np.floor(lo_x * grid), 0, grid - 1).astype(np.int64)
+    hi = np.clip(np.floor(hi_x * grid), 0, grid - 1).astype(np.int64)
+    outside = ((hi_x < 0) | (lo_x > 1)).any(axis=1)
+    hi[outside] = -1
+    return lo, hi
+
+
+def _choose_grid(centers: np.ndarray, half: np.ndarray, sizes: np.ndarray, batch: int,
+                 num_points: int) -> int:
+    """Cells per axis minimising a rough cost: pair tests + CSR entries + cells, within a memory cap."""
+    best, best_cost = 1, math.inf
+    for grid in _GRID_CANDIDATES:
+        lo, hi = _cell_boxes(centers, half, sizes, grid)
+        entries = float(np.clip(hi - lo + 1, 0, None).prod(axis=1).sum())
+        if entries > _MAX_GRID_ENTRIES and grid > 1:
+            break
+        cells = batch * grid ** 3
+        cost = num_points * entries / cells + 0.5 * entries + 0.1 * cells
+        if cost < best_cost:
+            best, best_cost = grid, cost
+    return best
+
+
+def _bin_points(prep: _Prepared, points: Tensor, c2: float
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Voxel coordinates ``[P, 3]`` and global cell ids ``[P]`` of the points, and the Gaussian CSR lists."""
+    x = _to_numpy(points).reshape(-1, 3)
+    centers = prep.params[:, kernels.M0:kernels.M2 + 1]
+    half = _half_extents_voxels(prep, c2)
+    grid = _choose_grid(centers, half, prep.sizes, prep.batch, x.shape[0])
+    lo, hi = _cell_boxes(centers, half, prep.sizes, grid)
+    offsets, entries = kernels.bin_gaussians(lo, hi, prep.batch, grid)
+    cell = np.clip(np.floor(x * grid), 0, grid - 1).astype(np.int64)
+    per_sample = points.shape[1]
+    sample = np.arange(x.shape[0], dtype=np.int64) // per_sample
+    point_cell = sample * grid ** 3 + (cell[:, 0] * grid + cell[:, 1]) * grid + cell[:, 2]
+    coords = np.ascontiguousarray(x * prep.sizes - 0.5)
+    return coords, point_cell, offsets, entries
+
+
+def _num_chunks(num_points: int, num_gaussians: int) -> int:
+    """Chunks of the point backward pass: a few per thread, within the buffer memory cap."""
+    wanted = 4 * numba.get_num_threads()
+    cap = _MAX_BUFFER_NUMBERS // max(1, num_gaussians * kernels.NUM_SUMS)
+    return int(max(1, min(wanted, cap, num_points)))
+
+
+def _gradients_from_sums(sums: np.ndarray, prep: _Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients w.r.t. normalised means ``[B*N, 3]``, packed precision ``[B*N, 6]``, intensities ``[B*N]``.
+
+    With ``e = exp(-q/2)``, ``r`` the voxel offset and ``P'`` the voxel-unit precision:
+    ``dL/dI = sum g e``, ``dL/dm = I P' sum(g e r)``, ``dL/dP'_ab = -I/2 sum(g e r_a r_b)`` (twice that
+    for the off-diagonal packed entries, which appear twice in ``q``); then back to normalised units.
+    """
+    intensity = prep.params[:, kernels.INTENSITY]
+    p00, p11, p22, p01, p02, p12 = prep.prec_voxel.T
+    full = np.stack([np.stack([p00, p01, p02], -1), np.stack([p01, p11, p12], -1),
+                     np.stack([p02, p12, p22], -1)], axis=1)
+    grad_voxel_means = intensity[:, None] * np.einsum("gij,gj->gi", full, sums[:, 1:4])
+    grad_means = grad_voxel_means * prep.sizes
+    multiplicity = np.array([1.0, 1.0, 1.0, 2.0, 2.0, 2.0])
+    unit_scale = np.array([prep.sizes[i] * prep.sizes[j] for i, j in PRECISION_PACKING])
+    grad_prec = -0.5 * intensity[:, None] * sums[:, 4:10] * multiplicity / unit_scale
+    return grad_means, grad_prec, np.ascontiguousarray(sums[:, 0])

@@ -1,0 +1,365 @@
+"""Numba kernels of the CPU splat backend (float64 throughout; no torch here).
+
+Everything is in *voxel units*: voxel ``i`` of an axis sits at coordinate ``i``. Each Gaussian is
+described by one row of ``params [G, NUM_PARAMS]`` (``G = B * N``, batch-major) holding its mean
+and its precision ``P`` in the factored (LDL) form used by every kernel::
+
+    r = u - mean                                   (voxel offset along D, H, W)
+    q = T * r0^2                                   (marginal along D; T = 1 / Sigma_00)
+      + S11 * (r1 - SLOPE1 * r0)^2                 (H given D)
+      + A * (r2 - SLOPE20 * r0 - SLOPE21 * r1)^2   (W given D, H; A = P_22)
+
+which equals ``r^T P r`` exactly in real arithmetic and is well conditioned in floating point.
+A term counts when ``q < c2``. Every kernel evaluates ``q`` with the same sequence of floating
+point operations, so the dense and the point kernels, forward and backward, agree on which
+(Gaussian, voxel) pairs are inside, and a pair skipped by culling is always one with ``q >= c2``.
+
+Dense forward: parallel over ``(b, d)`` slabs; per Gaussian touching the slab and per row ``h``
+the inside voxels form a contiguous chord along W, found from the quadratic ``q(w)`` and then
+checked at its ends. Along the chord ``exp(-q/2)`` is advanced by multiplications from the row's
+peak outwards (``e[w+1] = e[w] * rho[w]``, ``rho[w+1] = rho[w] * exp(-A)``), three ``exp`` per row.
+Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
+gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR); the
+forward pass is parallel over points, the backward over chunks of points with private buffers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+# Columns of ``params``.
+M0, M1, M2, SCHUR_D, SCHUR_H, SLOPE1, PREC_W, SLOPE20, SLOPE21, DECAY, INTENSITY = range(11)
+NUM_PARAMS = 11
+# Columns of the per-Gaussian gradient sums, weighted by the upstream gradient g and e = exp(-q/2):
+# sum(g e), sum(g e r_a) for a = 0..2, sum(g e r_a r_b) in the packed order 00, 11, 22, 01, 02, 12.
+NUM_SUMS = 10
+
+_JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+
+
+@njit(inline="always", **_JIT)
+def _padded_range(center: float, half: float, n: int) -> tuple[int, int]:
+    """Indices ``[lo, hi]`` in ``[0, n)`` covering ``(center - half, center + half)`` plus one each side."""
+    lo = math.ceil(max(center - half, -2.0)) - 1
+    hi = math.floor(min(center + half, n + 1.0)) + 1
+    return max(lo, 0), min(hi, n - 1)
+
+
+@njit(inline="always", **_JIT)
+def _row_q(w: int, m2: float, offset: float, a: float, q_row: float) -> float:
+    dw = (w - m2) - offset
+    return a * (dw * dw) + q_row
+
+
+@njit(inline="always", **_JIT)
+def _chord(m2: float, offset: float, a: float, q_row: float, c2: float, n: int) -> tuple[int, int]:
+    """Voxels ``[lo, hi]`` of a row (``0 <= w < n``) with ``q(w) < c2``; empty when ``lo > hi``.
+
+    Estimated from the quadratic, then moved until the ends agree with ``_row_q`` itself (``q`` is
+    monotone on each side of its minimum, so the inside set is one interval).
+    """
+    center = m2 + offset
+    half = math.sqrt((c2 - q_row) / a)
+    lo = max(math.ceil(max(center - half, -1.0)), 0)
+    hi = min(math.floor(min(center + half, float(n))), n - 1)
+    while lo <= hi and not _row_q(lo, m2, offset, a, q_row) < c2:
+        lo += 1
+    while lo > 0 and lo <= hi + 1 and _row_q(lo - 1, m2, offset, a, q_row) < c2:
+        lo -= 1
+    while hi >= lo and not _row_q(hi, m2, offset, a, q_row) < c2:
+        hi -= 1
+    while hi < n - 1 and hi >= lo - 1 and _row_q(hi + 1, m2, offset, a, q_row) < c2:
+        hi += 1
+    return lo, hi
+
+
+@njit(inline="always", **_JIT)
+def _peak(m2: float, offset: float, lo: int, hi: int) -> int:
+    """The chord voxel nearest the row's minimum of ``q``; walking outwards from it ``q`` only grows."""
+    return min(max(math.floor(m2 + offset + 0.5), lo), hi)
+
+
+@njit(inline="always", **_JIT)
+def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float) -> tuple[float, float, float, float]:
+    """``(q, r0, r1, r2)`` of Gaussian row ``p`` at voxel coordinate ``u``, in the kernels' common form."""
+    r0 = u0 - p[M0]
+    r1 = u1 - p[M1]
+    q = p[SCHUR_D] * (r0 * r0)
+    dh = r1 - p[SLOPE1] * r0
+    q = q + p[SCHUR_H] * (dh * dh)
+    offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
+    dw = (u2 - p[M2]) - offset
+    q = p[PREC_W] * (dw * dw) + q
+    return q, r0, r1, u2 - p[M2]
+
+
+# ---------------------------------------------------------------------------------------- dense
+
+
+@njit(inline="always", **_JIT)
+def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
+             decay: float, q_row: float, intensity: float) -> None:
+    """``out[base + w] += I exp(-q(w)/2)`` for ``lo <= w <= hi``, two multiplicative chains from ``peak``."""
+    e_right = intensity * math.exp(-0.5 * (a * (delta * delta) + q_row))
+    e_left = e_right
+    out[base + peak] += e_right
+    n_right = hi - peak
+    n_left = peak - lo
+    rho_right = math.exp(-0.5 * a * (2.0 * delta + 1.0)) if n_right > 0 else 0.0
+    rho_left = math.exp(0.5 * a * (2.0 * delta - 1.0)) if n_left > 0 else 0.0
+    both = min(n_right, n_left)
+    for k in range(1, both + 1):
+        e_right *= rho_right
+        rho_right *= decay
+        e_left *= rho_left
+        rho_left *= decay
+        out[base + peak + k] += e_right
+        out[base + peak - k] += e_left
+    for k in range(both + 1, n_right + 1):
+        e_right *= rho_right
+        rho_right *= decay
+        out[base + peak + k] += e_right
+    for k in range(both + 1, n_left + 1):
+        e_left *= rho_left
+        rho_left *= decay
+        out[base + peak - k] += e_left
+
+
+@njit(parallel=True, **_JIT)
+def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
+                  height: int, width: int, c2: float) -> np.ndarray:
+    """Dense splat: ``params [B*N, NUM_PARAMS]``, slab ranges ``d_lo, d_hi [B*N]`` -> ``[B*D*H*W]``.
+
+    ``d_lo/d_hi`` only cull (they may be wider than the Gaussian); ``q < c2`` decides every pair.
+    """
+    n = params.shape[0] // batch
+    out = np.zeros(batch * depth * height * width)
+    for slab in prange(batch * depth):
+        b = slab // depth
+        d = slab - b * depth
+        for i in range(n):
+            g = b * n + i
+            if d < d_lo[g] or d > d_hi[g]:
+                continue
+            p = params[g]
+            r0 = d - p[M0]
+            q0 = p[SCHUR_D] * (r0 * r0)
+            if not q0 < c2:
+                continue
+            s11 = p[SCHUR_H]
+            a = p[PREC_W]
+            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / s11), height)
+            for h in range(h_first, h_last + 1):
+                r1 = h - p[M1]
+                dh = r1 - p[SLOPE1] * r0
+                q_row = q0 + s11 * (dh * dh)
+                if not q_row < c2:
+                    continue
+                offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
+                lo, hi = _chord(p[M2], offset, a, q_row, c2, width)
+                if lo > hi:
+                    continue
+                peak = _peak(p[M2], offset, lo, hi)
+                delta = (peak - p[M2]) - offset
+                _add_row(out, (slab * height + h) * width, lo, hi, peak, delta, a, p[DECAY], q_row,
+                         p[INTENSITY])
+    return out
+
+
+@njit(inline="always", **_JIT)
+def _row_sums(grad: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
+              decay: float, q_row: float, rho_peak: float) -> tuple[float, float, float]:
+    """``(sum g e, sum g e r2, sum g e r2^2)`` over a chord, ``r2 = w - mean_W``, ``e = exp(-q/2)``."""
+    e_right = math.exp(-0.5 * (a * (delta * delta) + q_row))
+    e_left = e_right
+    ge = grad[base + peak] * e_right
+    s0 = ge
+    s1 = ge * rho_peak
+    s2 = ge * rho_peak * rho_peak
+    t0 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    n_right = hi - peak
+    n_left = peak - lo
+    rho_right = math.exp(-0.5 * a * (2.0 * delta + 1.0)) if n_right > 0 else 0.0
+    rho_left = math.exp(0.5 * a * (2.0 * delta - 1.0)) if n_left > 0 else 0.0
+    both = min(n_right, n_left)
+    for k in range(1, both + 1):
+        e_right *= rho_right
+        rho_right *= decay
+        e_left *= rho_left
+        rho_left *= decay
+        ge = grad[base + peak + k] * e_right
+        r = rho_peak + k
+        s0 += ge
+        s1 += ge * r
+        s2 += ge * r * r
+        ge = grad[base + peak - k] * e_left
+        r = rho_peak - k
+        t0 += ge
+        t1 += ge * r
+        t2 += ge * r * r
+    for k in range(both + 1, n_right + 1):
+        e_right *= rho_right
+        rho_right *= decay
+        ge = grad[base + peak + k] * e_right
+        r = rho_peak + k
+        s0 += ge
+        s1 += ge * r
+        s2 += ge * r * r
+    for k in range(both + 1, n_left + 1):
+        e_left *= rho_left
+        rho_left *= decay
+        ge = grad[base + peak - k] * e_left
+        r = rho_peak - k
+        t0 += ge
+        t1 += ge * r
+        t2 += ge * r * r
+    return s0 + t0, s1 + t1, s2 + t2
+
+
+@njit(parallel=True, **_JIT)
+def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad: np.ndarray, batch: int,
+                   depth: int, height: int, width: int, c2: float) -> np.ndarray:
+    """Gradient sums ``[B*N, NUM_SUMS]`` of the dense splat for the upstream gradient ``grad [B*D*H*W]``."""
+    num = params.shape[0]
+    n = num // batch
+    sums = np.zeros((num, NUM_SUMS))
+    for g in prange(num):
+        b = g // n
+        p = params[g]
+        s11 = p[SCHUR_H]
+        a = p[PREC_W]
+        acc = np.zeros(NUM_SUMS)
+        for d in range(d_lo[g], d_hi[g] + 1):
+            r0 = d - p[M0]
+            q0 = p[SCHUR_D] * (r0 * r0)
+            if not q0 < c2:
+                continue
+            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / s11), height)
+            for h in range(h_first, h_last + 1):
+                r1 = h - p[M1]
+                dh = r1 - p[SLOPE1] * r0
+                q_row = q0 + s11 * (dh * dh)
+                if not q_row < c2:
+                    continue
+                offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
+                lo, hi = _chord(p[M2], offset, a, q_row, c2, width)
+                if lo > hi:
+                    continue
+                peak = _peak(p[M2], offset, lo, hi)
+                delta = (peak - p[M2]) - offset
+                t0, t1, t2 = _row_sums(grad, ((b * depth + d) * height + h) * width, lo, hi, peak, delta,
+                                       a, p[DECAY], q_row, peak - p[M2])
+                acc[0] += t0
+                acc[1] += r0 * t0
+                acc[2] += r1 * t0
+                acc[3] += t1
+                acc[4] += r0 * r0 * t0
+                acc[5] += r1 * r1 * t0
+                acc[6] += t2
+                acc[7] += r0 * r1 * t0
+                acc[8] += r0 * t1
+                acc[9] += r1 * t1
+        sums[g, :] = acc
+    return sums
+
+
+# ---------------------------------------------------------------------------------------- points
+
+
+@njit(**_JIT)
+def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR lists of the Gaussians overlapping each cell of a ``grid^3`` grid per sample.
+
+    Args:
+        cell_lo, cell_hi: ``[B*N, 3]`` inclusive cell box of each Gaussian (``lo > hi``: no cell).
+    Returns:
+        ``offsets [B*grid^3 + 1]`` and ``entries`` (Gaussian indices); cell ``c`` of sample ``b``
+        (``c = (i * grid + j) * grid + k``) lists ``entries[offsets[b*grid^3 + c] : offsets[... + 1]]``.
+    """
+    num = cell_lo.shape[0]
+    n = num // batch
+    cells = grid * grid * grid
+    counts = np.zeros(batch * cells + 1, dtype=np.int64)
+    for g in range(num):
+        first = (g // n) * cells
+        for i in range(cell_lo[g, 0], cell_hi[g, 0] + 1):
+            for j in range(cell_lo[g, 1], cell_hi[g, 1] + 1):
+                for k in range(cell_lo[g, 2], cell_hi[g, 2] + 1):
+                    counts[first + (i * grid + j) * grid + k + 1] += 1
+    offsets = np.cumsum(counts)
+    cursor = offsets[:-1].copy()
+    entries = np.empty(offsets[-1], dtype=np.int64)
+    for g in range(num):
+        first = (g // n) * cells
+        for i in range(cell_lo[g, 0], cell_hi[g, 0] + 1):
+            for j in range(cell_lo[g, 1], cell_hi[g, 1] + 1):
+                for k in range(cell_lo[g, 2], cell_hi[g, 2] + 1):
+                    c = first + (i * grid + j) * grid + k
+                    entries[cursor[c]] = g
+                    cursor[c] += 1
+    return offsets, entries
+
+
+@njit(parallel=True, **_JIT)
+def points_forward(params: np.ndarray, coords: np.ndarray, point_cell: np.ndarray, offsets: np.ndarray,
+                   entries: np.ndarray, c2: float) -> np.ndarray:
+    """Splat at points: voxel coordinates ``coords [P, 3]`` with global cell ids ``point_cell [P]`` -> ``[P]``."""
+    num_points = coords.shape[0]
+    out = np.zeros(num_points)
+    for i in prange(num_points):
+        u0 = coords[i, 0]
+        u1 = coords[i, 1]
+        u2 = coords[i, 2]
+        cell = point_cell[i]
+        acc = 0.0
+        for k in range(offsets[cell], offsets[cell + 1]):
+            p = params[entries[k]]
+            q = _mahalanobis(p, u0, u1, u2)[0]
+            if q < c2:
+                acc += p[INTENSITY] * math.exp(-0.5 * q)
+        out[i] = acc
+    return out
+
+
+@njit(parallel=True, **_JIT)
+def points_backward(params: np.ndarray, coords: np.ndarray, point_cell: np.ndarray, offsets: np.ndarray,
+                    entries: np.ndarray, c2: float, grad: np.ndarray, num_chunks: int) -> np.ndarray:
+    """Gradient sums ``[B*N, NUM_SUMS]`` for the upstream gradient ``grad [P]`` at the points.
+
+    Parallel over ``num_chunks`` contiguous chunks of points, each with a private ``[B*N, NUM_SUMS]``
+    buffer (no write races); the buffers are summed at the end.
+    """
+    num_points = coords.shape[0]
+    chunk = (num_points + num_chunks - 1) // num_chunks
+    buffers = np.zeros((num_chunks, params.shape[0], NUM_SUMS))
+    for c in prange(num_chunks):
+        buf = buffers[c]
+        for i in range(c * chunk, min((c + 1) * chunk, num_points)):
+            g_out = grad[i]
+            if g_out == 0.0:
+                continue
+            u0 = coords[i, 0]
+            u1 = coords[i, 1]
+            u2 = coords[i, 2]
+            cell = point_cell[i]
+            for k in range(offsets[cell], offsets[cell + 1]):
+                g = entries[k]
+                q, r0, r1, r2 = _mahalanobis(params[g], u0, u1, u2)
+                if q < c2:
+                    ge = g_out * math.exp(-0.5 * q)
+                    buf[g, 0] += ge
+                    buf[g, 1] += ge * r0
+                    buf[g, 2] += ge * r1
+                    buf[g, 3] += ge * r2
+                    buf[g, 4] += ge * r0 * r0
+                    buf[g, 5] += ge * r1 * r1
+                    buf[g, 6] += ge * r2 * r2
+                    buf[g, 7] += ge * r0 * r1
+                    buf[g, 8] += ge * r0 * r2
+                    buf[g, 9] += ge * r1 * r2
+    return buffers.sum(axis=0)
