@@ -1,0 +1,46 @@
+"""Data for Gaussian masked pretraining: datalists, MONAI pipelines, cached crop datasets, phantoms.
+
+Typical use::
+
+    from medgauss.data import build_pretrain_dataset, example_ct_datalist
+    dataset = build_pretrain_dataset(example_ct_datalist(), spatial_size=96)
+    sample = dataset[0]["image"]          # [1, 96, 96, 96] float32 in [0, 1]
+"""
+
+from medgauss.data.datalist import (
+    NIFTI_SUFFIXES,
+    example_ct_datalist,
+    example_ct_path,
+    load_decathlon_datalist,
+    nifti_folder_datalist,
+    shard_datalist,
+)
+from medgauss.data.dataset import (
+    CachedVolumeDataset,
+    PretrainCropDataset,
+    ShardedSampleSampler,
+    build_pretrain_dataset,
+)
+from medgauss.data.phantom import PHANTOM_HU, PHANTOM_LABELS, make_ct_phantom, write_phantom_dataset
+from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "PHANTOM_HU",
+    "PHANTOM_LABELS",
+    "CachedVolumeDataset",
+    "DataError",
+    "PretrainCropDataset",
+    "ShardedSampleSampler",
+    "build_pretrain_dataset",
+    "example_ct_datalist",
+    "example_ct_path",
+    "load_decathlon_datalist",
+    "make_ct_phantom",
+    "nifti_folder_datalist",
+    "pretrain_augment",
+    "pretrain_preprocess",
+    "sample_seed",
+    "shard_datalist",
+    "write_phantom_dataset",
+]

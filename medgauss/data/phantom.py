@@ -1,0 +1,215 @@
+"""Procedural chest / upper-abdomen CT phantoms with realistic Hounsfield units and a label map.
+
+Arrays are in RAS voxel order: axis 0 = x (patient left -> right), axis 1 = y (posterior -> anterior),
+axis 2 = z (inferior -> superior). Each case draws its body size, organ positions and sizes, rib
+spacing and noise from a seed, so unlimited distinct volumes can be generated and written as NIfTI
+(:func:`write_phantom_dataset`) for the same pipeline as real data.
+
+Label values (:data:`PHANTOM_LABELS`) and HU of each tissue (:data:`PHANTOM_HU`) are module constants;
+later structures overwrite earlier ones where they overlap (e.g. the heart is cut out of the lungs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["PHANTOM_LABELS", "PHANTOM_HU", "make_ct_phantom", "write_phantom_dataset"]
+
+PHANTOM_LABELS: dict[str, int] = {
+    "background": 0,
+    "muscle": 1,
+    "subcutaneous_fat": 2,
+    "lung_left": 3,
+    "lung_right": 4,
+    "heart": 5,
+    "aorta": 6,
+    "liver": 7,
+    "spleen": 8,
+    "kidney_left": 9,
+    "kidney_right": 10,
+    "vertebra": 11,
+    "intervertebral_disc": 12,
+    "spinal_canal": 13,
+    "rib": 14,
+    "trachea": 15,
+}
+
+# Typical (non-contrast, except the aorta: arterial phase) attenuation in Hounsfield units.
+PHANTOM_HU: dict[str, float] = {
+    "background": -1000.0,
+    "muscle": 45.0,
+    "subcutaneous_fat": -100.0,
+    "lung_left": -850.0,
+    "lung_right": -850.0,
+    "heart": 40.0,
+    "aorta": 180.0,
+    "liver": 60.0,
+    "spleen": 48.0,
+    "kidney_left": 32.0,
+    "kidney_right": 32.0,
+    "vertebra": 250.0,  # cancellous bone; the cortical shell is CORTICAL_HU
+    "intervertebral_disc": 85.0,
+    "spinal_canal": 20.0,
+    "rib": 700.0,
+    "trachea": -1000.0,
+}
+CORTICAL_HU = 1000.0
+
+
+def _ellipsoid(grid: tuple[np.ndarray, ...], centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii)) <= 1.0
+
+
+def make_ct_phantom(
+    shape: Sequence[int] = (128, 128, 128),
+    spacing: float | Sequence[float] = 2.5,
+    *,
+    seed: int = 0,
+    noise_hu: float = 15.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One random chest / upper-abdomen phantom.
+
+    Args:
+        shape: ``(X, Y, Z)`` voxels (RAS order).
+        spacing: voxel size in mm (one value or per axis).
+        seed: case seed (anatomy variation and noise).
+        noise_hu: standard deviation of additive Gaussian noise, HU.
+
+    Returns:
+        ``(hu, labels, affine)``: ``hu`` int16 ``[X, Y, Z]`` in [-1024, 3071]; ``labels`` uint8
+        ``[X, Y, Z]`` with values of :data:`PHANTOM_LABELS`; ``affine`` ``[4, 4]`` float64 (voxel -> mm,
+        RAS, volume centred on the origin).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
+    spacing = (float(spacing),) * 3 if isinstance(spacing, (int, float)) else tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be a positive float or 3 positive floats, got {spacing}")
+    if noise_hu < 0:
+        raise ValueError(f"noise_hu must be >= 0, got {noise_hu}")
+    rng = np.random.default_rng(seed)
+    extent = np.array(shape) * np.array(spacing)  # mm
+    axes = [(np.arange(n) + 0.5) * s - e / 2 for n, s, e in zip(shape, spacing, extent)]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    grid = (x, y, z)
+    labels = np.zeros(shape, dtype=np.uint8)
+    cortical = np.zeros(shape, dtype=bool)
+
+    def paint(name: str, mask: np.ndarray) -> None:
+        labels[np.broadcast_to(mask, shape)] = PHANTOM_LABELS[name]
+
+    jitter = lambda scale: 1.0 + rng.uniform(-scale, scale)
+    zlen = extent[2]
+    ax, ay = 0.44 * extent[0] * jitter(0.08), 0.33 * extent[1] * jitter(0.08)  # body semi-axes, mm
+    body = (x / ax) ** 2 + (y / ay) ** 2 <= 1.0
+    fat = rng.uniform(8.0, 18.0)  # subcutaneous fat thickness, mm
+    paint("subcutaneous_fat", body)
+    paint("muscle", (x / (ax - fat)) ** 2 + (y / (ay - fat)) ** 2 <= 1.0)
+
+    diaphragm = -0.1 * zlen * jitter(0.5)  # z of the lung bases, mm
+    z_lung = 0.5 * (diaphragm + 0.5 * zlen)
+    for name, side in (("lung_left", -1.0), ("lung_right", 1.0)):
+        centre = (side * 0.47 * ax * jitter(0.05), 0.05 * ay, z_lung)
+        radii = (
+            0.36 * ax * jitter(0.08),
+            0.62 * ay * jitter(0.08),
+            0.5 * (0.5 * zlen - diaphragm) + 0.1 * zlen,
+        )
+        paint(name, _ellipsoid(grid, centre, radii) & (z > diaphragm))
+    heart_c = (-0.12 * ax * jitter(0.3), 0.3 * ay, diaphragm + 0.12 * zlen * jitter(0.2))
+    paint(
+        "heart", _ellipsoid(grid, heart_c, (0.3 * ax, 0.38 * ay, 0.14 * zlen) * np.array([jitter(0.1)] * 3))
+    )
+    liver_c = (0.3 * ax, 0.05 * ay, diaphragm - 0.12 * zlen * jitter(0.2))
+    paint("liver", _ellipsoid(grid, liver_c, (0.5 * ax * jitter(0.1), 0.6 * ay, 0.18 * zlen * jitter(0.1))))
+    spleen_c = (-0.6 * ax, -0.2 * ay, diaphragm - 0.08 * zlen * jitter(0.2))
+    paint(
+        "spleen",
+        _ellipsoid(grid, spleen_c, (0.15 * ax, 0.3 * ay, 0.08 * zlen) * np.array([jitter(0.15)] * 3)),
+    )
+    for name, side in (("kidney_left", -1.0), ("kidney_right", 1.0)):
+        centre = (side * 0.35 * ax, -0.45 * ay, diaphragm - 0.3 * zlen * jitter(0.15))
+        paint(
+            name, _ellipsoid(grid, centre, (0.12 * ax, 0.18 * ay, 0.11 * zlen) * np.array([jitter(0.1)] * 3))
+        )
+
+    spine_y = -0.62 * ay
+    aorta_r = rng.uniform(9.0, 13.0)
+    paint("aorta", ((x + 0.12 * ax) ** 2 + (y - spine_y - 30.0) ** 2 <= aorta_r**2) & (z < heart_c[2]))
+    trachea_r = rng.uniform(7.0, 10.0)
+    paint("trachea", (x**2 + (y - 0.05 * ay) ** 2 <= trachea_r**2) & (z > heart_c[2] + 0.15 * zlen))
+
+    # Spine: vertebral bodies (cortical shell + cancellous core) separated by discs, canal behind.
+    body_r, period, disc = rng.uniform(15.0, 20.0), rng.uniform(26.0, 32.0), 5.0
+    in_column = x**2 + (y - spine_y) ** 2 <= body_r**2
+    in_disc = ((z - rng.uniform(0, period)) % period) < disc
+    paint("vertebra", in_column & ~in_disc)
+    paint("intervertebral_disc", in_column & in_disc)
+    cortical |= np.broadcast_to(
+        in_column & ~in_disc & (x**2 + (y - spine_y) ** 2 >= (body_r - 2.0) ** 2), shape
+    )
+    paint("spinal_canal", x**2 + (y - spine_y + body_r + 9.0) ** 2 <= 8.0**2)
+
+    # Ribs: tubes along an ellipse inset from the body wall, from the spine to the front, sloping down.
+    rib_r, rib_period = rng.uniform(4.0, 6.0), rng.uniform(22.0, 30.0)
+    angle = np.arctan2(y / (ay - fat - 8.0), x / (ax - fat - 8.0))  # -pi/2 = posterior midline
+    radial = np.sqrt((x / (ax - fat - 8.0)) ** 2 + (y / (ay - fat - 8.0)) ** 2)
+    dist_wall = np.abs(radial - 1.0) * min(ax, ay)  # approx. distance to the rib ellipse, mm
+    frac = np.clip((angle + np.pi / 2) % (2 * np.pi) / np.pi, 0.0, 2.0)  # 0 at the spine, 1 at the front
+    front_gap = np.abs(angle - np.pi / 2) < 0.35  # costal cartilage gap around the sternum (anterior)
+    slope = np.minimum(frac, 2.0 - frac) * 30.0  # ribs drop 30 mm from back to front
+    z_rib = (z + slope - rng.uniform(0, rib_period)) % rib_period
+    in_rib = (dist_wall**2 + (np.minimum(z_rib, rib_period - z_rib)) ** 2 <= rib_r**2) & (
+        z > diaphragm - 40.0
+    )
+    paint("rib", in_rib & ~front_gap & body)
+
+    hu = np.full(shape, PHANTOM_HU["background"], dtype=np.float32)
+    for name, value in PHANTOM_LABELS.items():
+        hu[labels == value] = PHANTOM_HU[name]
+    hu[cortical] = CORTICAL_HU
+    # Lung vessels: sparse bright specks smoothed by the noise, so lungs are not flat.
+    lungs = (labels == PHANTOM_LABELS["lung_left"]) | (labels == PHANTOM_LABELS["lung_right"])
+    hu[lungs & (rng.random(shape) < 0.02)] = -300.0
+    if noise_hu > 0:
+        hu += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
+    hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -extent / 2 + np.array(spacing) / 2
+    return hu, labels, affine
+
+
+def write_phantom_dataset(
+    out_dir: str | Path,
+    num_cases: int,
+    *,
+    shape: Sequence[int] = (128, 128, 128),
+    spacing: float | Sequence[float] = 2.5,
+    seed: int = 0,
+    noise_hu: float = 15.0,
+) -> list[dict[str, str]]:
+    """Write ``num_cases`` phantoms as ``phantom_XXX_ct.nii.gz`` / ``phantom_XXX_labels.nii.gz``.
+
+    Case ``i`` uses seed ``seed + i``. Returns the datalist ``[{"image": ..., "label": ...}, ...]``.
+    """
+    if num_cases < 1:
+        raise ValueError(f"num_cases must be >= 1, got {num_cases}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    datalist = []
+    for i in range(num_cases):
+        hu, labels, affine = make_ct_phantom(shape, spacing, seed=seed + i, noise_hu=noise_hu)
+        entry = {
+            "image": str(out_dir / f"phantom_{i:03d}_ct.nii.gz"),
+            "label": str(out_dir / f"phantom_{i:03d}_labels.nii.gz"),
+        }
+        nib.save(nib.Nifti1Image(hu, affine), entry["image"])
+        nib.save(nib.Nifti1Image(labels, affine), entry["label"])
+        datalist.append(entry)
+    return datalist
