@@ -1,0 +1,23 @@
+"""Training engines on Accelerate (no Hydra here): the masked-pretraining loop, checkpoints, optimiser.
+
+``PretrainEngine`` runs the loop; ``build_optimizer`` gives AdamW + warmup-cosine; ``CheckpointManager``
+writes crash-safe Accelerate checkpoints with a ``latest`` pointer; ``save_slice_panel`` draws PNG panels.
+"""
+
+from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager
+from medgauss.engines.optim import build_optimizer, param_groups, warmup_cosine_factor
+from medgauss.engines.panels import panel_from_output, save_slice_panel
+from medgauss.engines.pretrain import PretrainEngine, TrainResult, loss_summary
+
+__all__ = [
+    "TRAINER_STATE_FILE",
+    "CheckpointManager",
+    "PretrainEngine",
+    "TrainResult",
+    "build_optimizer",
+    "loss_summary",
+    "panel_from_output",
+    "param_groups",
+    "save_slice_panel",
+    "warmup_cosine_factor",
+]

@@ -1,0 +1,316 @@
+"""Masked-pretraining loop on Accelerate: one run directory for all ranks, exact resume, logs and panels.
+
+Usage (what ``recipes/medgmae_pretrain.py`` does)::
+
+    engine = PretrainEngine(run_dir="runs/x", max_steps=300, batch_size=2)   # seeds every RNG
+    model = create_model("gmae_tiny")                                        # built after seeding
+    optimizer, scheduler = build_optimizer(model, max_steps=300)
+    result = engine.fit(model, pretrain_loss_for(model), dataset, optimizer, scheduler)
+
+Data order is a pure function of (data seed, global sample id) (see :mod:`medgauss.data.dataset`), and
+the model's own randomness (masking, drop path) comes from the torch RNG that the checkpoint restores,
+so ``resume`` continues with exactly the losses an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medgauss.data.dataset import PretrainCropDataset, ShardedSampleSampler
+from medgauss.engines.checkpoint import CheckpointManager
+from medgauss.engines.panels import panel_from_output, save_slice_panel
+
+__all__ = ["PretrainEngine", "TrainResult", "loss_summary"]
+
+_MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :meth:`PretrainEngine.fit` (identical on every rank).
+
+    Attributes:
+        losses: masked-region loss of every optimizer step of the run (rank-averaged), including the steps
+            done before a resume.
+        run_dir: the shared run directory.
+        export_dir: where the final ``save_pretrained`` export went (``None`` if the model has no
+            ``save_pretrained``).
+        wall_time_s: seconds spent in this call.
+        resumed_from: checkpoint this call started from, if any.
+    """
+
+    losses: list[float]
+    run_dir: Path
+    export_dir: Path | None
+    wall_time_s: float
+    resumed_from: Path | None = None
+    summary: str = field(default="")
+
+
+def loss_summary(losses: list[float], window: int | None = None) -> str:
+    """``"loss start A (mean of first k steps) -> end B (mean of last k), change -x%"``."""
+    if not losses:
+        return "no step run"
+    k = window or max(1, min(10, len(losses) // 10))
+    start, end = sum(losses[:k]) / k, sum(losses[-k:]) / k
+    change = 100.0 * (end - start) / start if start else float("nan")
+    return (
+        f"masked-region loss: start {start:.5f} (mean of first {k} steps) -> end {end:.5f} "
+        f"(mean of last {k} steps), change {change:+.1f}% over {len(losses)} steps"
+    )
+
+
+class PretrainEngine:
+    """Masked-image pretraining on Accelerate (CPU, one or several GPUs, multi-process CPU).
+
+    Constructing the engine creates the ``Accelerator``, seeds every RNG (build the model AFTER it) and fixes
+    the run directory: the main process's ``run_dir`` is broadcast to every rank, so per-rank differences
+    (e.g. a timestamp resolved separately per process) can never split a run.
+
+    Args:
+        run_dir: run directory (checkpoints, TensorBoard, panels, final export).
+        max_steps: optimizer steps of the whole run.
+        batch_size: samples per rank per micro-batch.
+        grad_accum_steps: micro-batches per optimizer step.
+        grad_clip: max global gradient norm (``0``: no clipping).
+        mixed_precision: ``"no"`` | ``"bf16"`` | ``"fp16"`` (autocast; fp16 needs a GPU).
+        seed: seed of model init / masking RNGs (rank ``r`` uses ``seed + r``).
+        num_workers: DataLoader worker processes per rank.
+        log_every: print + TensorBoard every this many steps.
+        panel_every: PNG panel every this many steps and at the last step (``0``: never).
+        checkpoint_every: checkpoint every this many steps and at the last step (``0``: only the last step).
+        keep_checkpoints: complete checkpoints kept (``0``: all).
+        resume: ``None`` | ``"latest"`` | ``"auto"`` | checkpoint path (:meth:`CheckpointManager.resolve`).
+        cpu: force CPU even when a GPU is present.
+        progress: show a tqdm bar (main process only).
+        tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (main process only).
+    """
+
+    def __init__(
+        self,
+        *,
+        run_dir: str | Path,
+        max_steps: int,
+        batch_size: int = 2,
+        grad_accum_steps: int = 1,
+        grad_clip: float = 1.0,
+        mixed_precision: str = "no",
+        seed: int = 41,
+        num_workers: int = 0,
+        log_every: int = 10,
+        panel_every: int = 100,
+        checkpoint_every: int = 100,
+        keep_checkpoints: int = 2,
+        resume: str | None = None,
+        cpu: bool = False,
+        progress: bool = True,
+        tensorboard: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("max_steps", max_steps, 1),
+            ("batch_size", batch_size, 1),
+            ("grad_accum_steps", grad_accum_steps, 1),
+            ("log_every", log_every, 1),
+            ("num_workers", num_workers, 0),
+            ("panel_every", panel_every, 0),
+            ("checkpoint_every", checkpoint_every, 0),
+        ):
+            if int(value) != value or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if mixed_precision not in _MIXED_PRECISION:
+            raise ValueError(f"mixed_precision must be one of {_MIXED_PRECISION}, got {mixed_precision!r}")
+        if grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {grad_clip}")
+        self.max_steps, self.batch_size, self.grad_accum_steps = max_steps, batch_size, grad_accum_steps
+        self.grad_clip, self.seed, self.num_workers = grad_clip, seed, num_workers
+        self.log_every, self.panel_every, self.checkpoint_every = log_every, panel_every, checkpoint_every
+        self.resume, self.progress, self.tensorboard = resume, progress, tensorboard
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        set_seed(seed, device_specific=True)
+        self.run_dir = self._shared_run_dir(run_dir)
+        self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_checkpoints)
+
+    # ------------------------------------------------------------------ setup
+    def _shared_run_dir(self, run_dir: str | Path) -> Path:
+        chosen = [str(Path(run_dir).resolve())]
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(chosen, from_process=0)
+        path = Path(chosen[0])
+        if self.accelerator.is_main_process:
+            path.mkdir(parents=True, exist_ok=True)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def print(self, message: str) -> None:
+        """Print on the main process only (through tqdm so the bar stays intact)."""
+        if self.is_main_process:
+            tqdm.write(message)
+
+    def _loader(self, dataset: PretrainCropDataset, start_sample: int) -> DataLoader:
+        acc = self.accelerator
+        sampler = ShardedSampleSampler(acc.process_index, acc.num_processes, start=start_sample)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),  # never draws from the global RNG
+            persistent_workers=self.num_workers > 0,
+            pin_memory=acc.device.type == "cuda",
+        )
+
+    # ------------------------------------------------------------------ loop
+    def fit(
+        self,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        dataset: PretrainCropDataset,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ) -> TrainResult:
+        """Train to ``max_steps`` (resuming first if asked), checkpoint, and export the model.
+
+        Args:
+            model: pretraining model following the MedGMAE contract (``out = model(images)``; optional
+                ``reconstruct`` / ``mask_to_volume`` for panels and ``save_pretrained`` for the export).
+            loss_fn: ``loss_fn(out, images) -> scalar``.
+            dataset: sample-id addressed dataset (``dataset[i]["image"]`` ``[1, D, H, W]``).
+            optimizer, scheduler: from :func:`medgauss.engines.build_optimizer` (the scheduler is stepped
+                once per optimizer step and checkpointed).
+
+        Returns:
+            :class:`TrainResult`.
+        """
+        t0 = time.perf_counter()
+        acc = self.accelerator
+        model, optimizer = acc.prepare(model, optimizer)
+        loss_fn = loss_fn.to(acc.device)
+        acc.register_for_checkpointing(scheduler)
+        raw_model = acc.unwrap_model(model)
+
+        state = {"step": 0, "samples_per_rank": 0, "losses": [], "world_size": acc.num_processes}
+        resumed_from = self.checkpoints.resolve(self.resume)
+        if resumed_from is not None:
+            state = CheckpointManager.load(acc, resumed_from)
+            if state["world_size"] != acc.num_processes:
+                raise ValueError(
+                    f"checkpoint {resumed_from} was written by {state['world_size']} processes; resuming "
+                    f"with "
+                    f"{acc.num_processes} would change the data order (relaunch with the same count)"
+                )
+            self.print(f"resumed from {resumed_from} at step {state['step']}")
+        losses: list[float] = list(state["losses"])
+        step = int(state["step"])
+        batches = iter(self._loader(dataset, int(state["samples_per_rank"])))
+        writer = self._writer()
+        bar = tqdm(
+            total=self.max_steps,
+            initial=step,
+            desc="pretrain",
+            disable=not (self.progress and self.is_main_process),
+            dynamic_ncols=True,
+        )
+        model.train()
+        while step < self.max_steps:
+            t_step = time.perf_counter()
+            loss_sum = torch.zeros((), device=acc.device)
+            for micro in range(self.grad_accum_steps):
+                images = next(batches)["image"].to(acc.device, non_blocking=True)
+                last = micro == self.grad_accum_steps - 1
+                with contextlib.nullcontext() if last else acc.no_sync(model):
+                    with acc.autocast():
+                        out = model(images)
+                        loss = loss_fn(out, images)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}")
+                    acc.backward(loss / self.grad_accum_steps)
+                loss_sum += loss.detach().float()
+            grad_norm = (
+                acc.clip_grad_norm_(model.parameters(), self.grad_clip) if self.grad_clip > 0 else None
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            step_loss = float(acc.reduce(loss_sum / self.grad_accum_steps, reduction="mean"))
+            losses.append(step_loss)
+            lr = scheduler.get_last_lr()[0]
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.5f}", lr=f"{lr:.2e}")
+            if step % self.log_every == 0 or step == self.max_steps or step == 1:
+                self.print(f"step {step}/{self.max_steps} masked-region loss {step_loss:.5f} lr {lr:.3e}")
+                if writer is not None:
+                    writer.add_scalar("train/masked_loss", step_loss, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/step_time_s", time.perf_counter() - t_step, step)
+                    if grad_norm is not None:
+                        writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            if self.panel_every and (step % self.panel_every == 0 or step == self.max_steps or step == 1):
+                self._panel(raw_model, out, images, step)
+            if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.max_steps:
+                trainer_state = {
+                    "step": step,
+                    "samples_per_rank": step * self.batch_size * self.grad_accum_steps,
+                    "losses": losses,
+                    "world_size": acc.num_processes,
+                    "max_steps": self.max_steps,
+                }
+                self.checkpoints.save(acc, step, trainer_state)
+        bar.close()
+        if writer is not None:
+            writer.close()
+        export_dir = self._export(raw_model)
+        summary = loss_summary(losses)
+        self.print(summary)
+        wall = time.perf_counter() - t0
+        self.print(f"wall time {wall:.1f} s; run dir {self.run_dir}")
+        return TrainResult(losses, self.run_dir, export_dir, wall, resumed_from, summary)
+
+    # ------------------------------------------------------------------ outputs
+    def _writer(self):
+        if not (self.tensorboard and self.is_main_process):
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def _panel(self, model: nn.Module, out, images: torch.Tensor, step: int) -> None:
+        """Panel of sample 0 of the last micro-batch, from outputs already computed (no RNG is consumed)."""
+        if not self.is_main_process or not hasattr(model, "reconstruct"):
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            pieces = panel_from_output(model, out, images)
+        finally:
+            model.train(was_training)
+        save_slice_panel(
+            self.run_dir / "panels" / f"step_{step:08d}.png",
+            pieces["image"],
+            pieces["hidden"],
+            pieces["reconstruction"],
+            centres=pieces["centres"],
+            title=f"step {step}",
+        )
+
+    def _export(self, model: nn.Module) -> Path | None:
+        """``save_pretrained`` into ``run_dir/model`` on the main process (atomic in the model's method)."""
+        export_dir = self.run_dir / "model"
+        if self.is_main_process and hasattr(model, "save_pretrained"):
+            model.save_pretrained(export_dir)
+        self.accelerator.wait_for_everyone()
+        return export_dir if hasattr(model, "save_pretrained") else None
