@@ -254,13 +254,14 @@ def _make_plan(means: Tensor, half_extents: Tensor, shape: tuple[int, int, int],
         item_tile = item_start = item_count = dummy_i32
         num_points = grid.shape[0] * grid.shape[1] * grid.shape[2]
     else:
-        order, points_sorted, item_tile, item_start, item_count = bin_points(points, grid, grid_block(tile))
+        order, points_sorted, item_tile, item_start, item_count = bin_points(
+            points, grid, _points_per_program(tile))
         num_points = points.shape[1]
     return _Plan(grid, b, n, num_points, cutoff_sq, cutoff is not None, use_list, tile_start, gauss_ids,
                  points is not None, order, points_sorted, item_tile, item_start, item_count, block_g)
 
 
-def grid_block(tile: Sequence[int]) -> int:
+def _points_per_program(tile: Sequence[int]) -> int:
     """Points handled by one program: the voxel count of a tile."""
     return int(tile[0]) * int(tile[1]) * int(tile[2])
 
@@ -324,11 +325,12 @@ def _check_inputs(means: Tensor, prec: Tensor, inten: Tensor, half_extents: Tens
             raise ValueError(f"{name} must have shape {list(shp)} to match means, got {tuple(t.shape)}")
     if means.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"means must be float32 or float64, got {means.dtype}")
-    for name, t in (("prec", prec), ("intensities", inten)) + ((("points", points),) if points is not None else ()):
-        if t.dtype != means.dtype:
+    others = {"prec": prec, "intensities": inten, "half_extents": half_extents}
+    if points is not None:
+        others["points"] = points
+    for name, t in others.items():
+        if name != "half_extents" and t.dtype != means.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but means has {means.dtype}")
-    for name, t in (("prec", prec), ("intensities", inten), ("half_extents", half_extents)) + (
-            (("points", points),) if points is not None else ()):
         if t.device != means.device:
             raise ValueError(f"{name} is on {t.device} but means is on {means.device}")
     if means.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
