@@ -162,6 +162,12 @@ def _xray_bwd_kernel(grad_out_ptr, grad_means_ptr, grad_prec_ptr, grad_inten_ptr
         dd0 = d0[:, None]
         dd1 = d1[:, None]
         dd2 = d2[:, None]
+        sum_p0 = tl.sum(g_a * dd0 * dd0 + g_b * dd0 * r0 + g_c * r0 * r0, axis=0)
+        sum_p1 = tl.sum(g_a * dd1 * dd1 + g_b * dd1 * r1 + g_c * r1 * r1, axis=0)
+        sum_p2 = tl.sum(g_a * dd2 * dd2 + g_b * dd2 * r2 + g_c * r2 * r2, axis=0)
+        sum_p3 = tl.sum(2.0 * (g_a * dd0 * dd1 + g_c * r0 * r1) + g_b * (dd0 * r1 + dd1 * r0), axis=0)
+        sum_p4 = tl.sum(2.0 * (g_a * dd0 * dd2 + g_c * r0 * r2) + g_b * (dd0 * r2 + dd2 * r0), axis=0)
+        sum_p5 = tl.sum(2.0 * (g_a * dd1 * dd2 + g_c * r1 * r2) + g_b * (dd1 * r2 + dd2 * r1), axis=0)
         tl.atomic_add(grad_inten_ptr + gid, tl.sum(ge, axis=0), mask=hit, sem="relaxed")
         tl.atomic_add(grad_means_ptr + gid * 3 + 0, tl.sum(val * (pr0 - ba * pd0), axis=0), mask=hit,
                       sem="relaxed")
@@ -169,21 +175,12 @@ def _xray_bwd_kernel(grad_out_ptr, grad_means_ptr, grad_prec_ptr, grad_inten_ptr
                       sem="relaxed")
         tl.atomic_add(grad_means_ptr + gid * 3 + 2, tl.sum(val * (pr2 - ba * pd2), axis=0), mask=hit,
                       sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 0,
-                      tl.sum(g_a * dd0 * dd0 + g_b * dd0 * r0 + g_c * r0 * r0, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 1,
-                      tl.sum(g_a * dd1 * dd1 + g_b * dd1 * r1 + g_c * r1 * r1, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 2,
-                      tl.sum(g_a * dd2 * dd2 + g_b * dd2 * r2 + g_c * r2 * r2, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 3,
-                      tl.sum(2.0 * g_a * dd0 * dd1 + g_b * (dd0 * r1 + dd1 * r0) + 2.0 * g_c * r0 * r1, axis=0),
-                      mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 4,
-                      tl.sum(2.0 * g_a * dd0 * dd2 + g_b * (dd0 * r2 + dd2 * r0) + 2.0 * g_c * r0 * r2, axis=0),
-                      mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 5,
-                      tl.sum(2.0 * g_a * dd1 * dd2 + g_b * (dd1 * r2 + dd2 * r1) + 2.0 * g_c * r1 * r2, axis=0),
-                      mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 0, sum_p0, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 1, sum_p1, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 2, sum_p2, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 3, sum_p3, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 4, sum_p4, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_prec_ptr + gid * 6 + 5, sum_p5, mask=hit, sem="relaxed")
 
 
 # ----------------------------------------------------------------------------------------- binning
@@ -317,6 +314,7 @@ def project_rays(means: Tensor, prec: Tensor, intensities: Tensor, origins: Tens
         raise ValueError(f"origins and directions must both be [V, R, C, 3], got {tuple(origins.shape)} and "
                          f"{tuple(directions.shape)}")
     if means.dtype not in (torch.float32, torch.float64) or origins.dtype != means.dtype:
-        raise ValueError(f"means and rays must share a float32/float64 dtype, got {means.dtype} and {origins.dtype}")
+        raise ValueError(f"means and rays must share a float32/float64 dtype, got {means.dtype} and "
+                         f"{origins.dtype}")
     plan = _Plan(origins, directions, tile_box, cutoff, tile, b, n, means.dtype, block_g)
     return _ProjectTiles.apply(means, prec, intensities, plan)

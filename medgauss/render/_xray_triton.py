@@ -1,9 +1,9 @@
-"""Adapter from :func:`medgauss.render.project` to the tile-based Triton kernels in :mod:`triton_kernels.xray`.
+"""Adapter from :func:`medgauss.render.project` to the Triton kernels in :mod:`triton_kernels.xray`.
 
-Computes each Gaussian's exact pixel footprint per view (:func:`medgauss.render.xray.footprint_pixel_rects`),
-turns it into tile ranges, and hands plain tensors to the kernels: means, differentiable packed precision
-(gradients reach scales and quats through :func:`medgauss.render._common.precision_upper` by autograd),
-intensities and the rays.
+Computes each Gaussian's exact pixel footprint per view
+(:func:`medgauss.render.xray.footprint_pixel_rects`), turns it into tile ranges, and hands plain
+tensors to the kernels: means, differentiable packed precision (gradients reach scales and quats
+through :func:`medgauss.render._common.precision_upper` by autograd), intensities and the rays.
 """
 
 from __future__ import annotations
