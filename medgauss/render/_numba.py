@@ -35,6 +35,9 @@ _BOX_PAD_ABS = 1e-3
 # Candidate cells per axis of the point-mode grid, and the largest CSR size (entries) allowed.
 _GRID_CANDIDATES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _MAX_GRID_ENTRIES = 1 << 23
+# Points per voxel from which voxel-centre points are rendered densely and gathered (measured:
+# the dense kernels cost ~1/8 of the point kernels per (Gaussian, voxel) pair).
+GATHER_MIN_FRACTION = 0.125
 # Largest total size (float64 numbers) of the private gradient buffers of the point backward pass.
 _MAX_BUFFER_NUMBERS = 1 << 23
 
@@ -74,27 +77,34 @@ class _Prepared:
 
 
 class _NumbaSplat(torch.autograd.Function):
-    """``(means [B,N,3], precision [B,N,6], intensities [B,N]) -> volume or point values``."""
+    """``(means [B,N,3], precision [B,N,6], intensities [B,N]) -> volume or point values``.
+
+    Three routes: ``dense`` (no points), ``gather`` (points that are voxel centres, many of them:
+    dense kernels, then a gather; backward scatters the upstream gradient into a volume) and
+    ``points`` (cell-binned kernels evaluated at arbitrary points).
+    """
 
     @staticmethod
     def forward(ctx, means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
                 c2: float, points: Tensor | None) -> Tensor:
         prep = _prepare(means, prec6, intensities, shape, c2)
-        b, n = means.shape[:2]
-        depth, height, width = shape
-        if points is None:
-            d_lo, d_hi = _slab_ranges(prep, c2, depth)
-            out = kernels.dense_forward(prep.params, d_lo, d_hi, b, depth, height, width, c2)
-            ctx.dense = (d_lo, d_hi)
-            result = torch.from_numpy(out).reshape(b, 1, depth, height, width)
+        b = prep.batch
+        voxel_index = None if points is None else _voxel_centre_index(points, shape)
+        if points is None or voxel_index is not None:
+            slabs = _slab_ranges(prep, c2, shape[0])
+            out = kernels.dense_forward(prep.params, *slabs, b, *shape, c2)
+            ctx.route, ctx.state = ("dense", slabs) if points is None else ("gather", (slabs, voxel_index))
+            result = torch.from_numpy(out).reshape(b, 1, *shape) if points is None else \
+                torch.from_numpy(out[voxel_index]).reshape(b, -1)
         else:
-            coords, point_cell, offsets, entries = _bin_points(prep, points, c2)
-            out = kernels.points_forward(prep.params, coords, point_cell, offsets, entries, c2)
-            ctx.points = (coords, point_cell, offsets, entries)
-            ctx.dense = None
-            result = torch.from_numpy(out).reshape(b, points.shape[1])
-        ctx.prep, ctx.shape, ctx.c2 = prep, shape, c2
-        ctx.dtype = means.dtype
+            binned = _bin_points(prep, points, c2)
+            sorted_out = kernels.points_forward(prep.params, binned.coords, binned.cell_start, binned.offsets,
+                                                binned.entries, c2)
+            out = np.empty_like(sorted_out)
+            out[binned.order] = sorted_out
+            ctx.route, ctx.state = "points", binned
+            result = torch.from_numpy(out).reshape(b, -1)
+        ctx.prep, ctx.shape, ctx.c2, ctx.dtype = prep, shape, c2, means.dtype
         return result.to(means.dtype)
 
     @staticmethod
@@ -102,14 +112,16 @@ class _NumbaSplat(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         prep: _Prepared = ctx.prep
         grad = grad_out.detach().to(torch.float64).contiguous().reshape(-1).numpy()
-        if ctx.dense is not None:
-            depth, height, width = ctx.shape
-            sums = kernels.dense_backward(prep.params, *ctx.dense, grad, prep.batch, depth, height, width,
-                                          ctx.c2)
+        if ctx.route == "points":
+            binned: _BinnedPoints = ctx.state
+            sums = kernels.points_backward(prep.params, binned.coords, binned.cell_start, binned.offsets,
+                                           binned.entries, ctx.c2, np.ascontiguousarray(grad[binned.order]),
+                                           _num_chunks(binned.cell_start.shape[0] - 1, prep.params.shape[0]))
         else:
-            coords, point_cell, offsets, entries = ctx.points
-            sums = kernels.points_backward(prep.params, coords, point_cell, offsets, entries, ctx.c2, grad,
-                                           _num_chunks(coords.shape[0], prep.params.shape[0]))
+            slabs = ctx.state if ctx.route == "dense" else ctx.state[0]
+            if ctx.route == "gather":  # scatter-add (repeated points add up) into a volume
+                grad = np.bincount(ctx.state[1], weights=grad, minlength=prep.batch * math.prod(ctx.shape))
+            sums = kernels.dense_backward(prep.params, *slabs, grad, prep.batch, *ctx.shape, ctx.c2)
         grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
         b = prep.batch
 
@@ -117,6 +129,28 @@ class _NumbaSplat(torch.autograd.Function):
             return torch.from_numpy(a).reshape(b, -1, *tail).to(ctx.dtype)
 
         return as_tensor(grad_means, 3), as_tensor(grad_prec, 6), as_tensor(grad_int), None, None, None
+
+
+def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarray | None:
+    """Flat indices ``[B*M]`` into ``[B, D, H, W]`` when the gather route applies, else ``None``.
+
+    It applies when there are at least ``GATHER_MIN_FRACTION`` points per voxel and every point
+    is a voxel centre ``(i + 0.5) / n`` up to two units in the last place of its dtype (so integer
+    voxel indices always qualify); such points are evaluated at the exact centres.
+    """
+    b, m = points.shape[:2]
+    volume = math.prod(shape)
+    if m < GATHER_MIN_FRACTION * volume:
+        return None
+    sizes = np.asarray(shape, dtype=np.float64)
+    u = _to_numpy(points).reshape(-1, 3) * sizes - 0.5
+    index = np.rint(u)
+    tolerance = 2.0 * torch.finfo(points.dtype).eps * sizes
+    if not bool((np.abs(u - index) <= tolerance).all()):
+        return None
+    index = index.astype(np.int64)
+    flat = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
+    return flat + np.repeat(np.arange(b, dtype=np.int64) * volume, m)
 
 
 def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
@@ -149,9 +183,9 @@ def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int
     if bad.any():
         g = int(np.flatnonzero(bad)[0])
         n = means.shape[1]
-        raise ValueError(f"gaussians: the precision of Gaussian (b={g // n}, n={g % n}) is not positive definite "
-                         f"in float64 (pivots {pivots[g].tolist()}); its scales are too anisotropic for "
-                         f"{means.dtype}")
+        raise ValueError(f"gaussians: the precision of Gaussian (b={g // n}, n={g % n}) is not positive "
+                         f"definite in float64 (pivots {pivots[g].tolist()}); its scales are too "
+                         f"anisotropic for {means.dtype}")
     return _Prepared(params=params, prec_voxel=prec, sizes=sizes, batch=means.shape[0])
 
 
@@ -202,34 +236,40 @@ def _choose_grid(centers: np.ndarray, half: np.ndarray, sizes: np.ndarray, batch
         if entries > _MAX_GRID_ENTRIES and grid > 1:
             break
         cells = batch * grid ** 3
-        cost = num_points * entries / cells + 0.5 * entries + 0.1 * cells
+        cost = num_points * entries / cells + 4.0 * entries + cells
         if cost < best_cost:
             best, best_cost = grid, cost
     return best
 
 
-def _bin_points(prep: _Prepared, points: Tensor, c2: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Voxel coordinates ``[P, 3]`` and global cell ids ``[P]`` of the points, and the Gaussian CSR lists."""
+@dataclass
+class _BinnedPoints:
+    """Points sorted by cell of a ``grid^3`` grid per sample, and the Gaussians listed per cell."""
+
+    coords: np.ndarray  # [P, 3] voxel coordinates, in cell order
+    order: np.ndarray  # [P] original (flattened b*M + m) index of each sorted point
+    cell_start: np.ndarray  # [B*grid^3 + 1] first sorted point of each cell
+    offsets: np.ndarray  # [B*grid^3 + 1] CSR offsets into entries
+    entries: np.ndarray  # Gaussian indices (b*N + n) per cell
+
+
+def _bin_points(prep: _Prepared, points: Tensor, c2: float) -> _BinnedPoints:
+    """Bin the normalised ``points [B, M, 3]`` and the Gaussians into one cell grid per sample."""
     x = _to_numpy(points).reshape(-1, 3)
     centers = prep.params[:, kernels.M0:kernels.M2 + 1]
     half = _half_extents_voxels(prep, c2)
     grid = _choose_grid(centers, half, prep.sizes, prep.batch, x.shape[0])
     lo, hi = _cell_boxes(centers, half, prep.sizes, grid)
     offsets, entries = kernels.bin_gaussians(lo, hi, prep.batch, grid)
-    cell = np.clip(np.floor(x * grid), 0, grid - 1).astype(np.int64)
-    per_sample = points.shape[1]
-    sample = np.arange(x.shape[0], dtype=np.int64) // per_sample
-    point_cell = sample * grid ** 3 + (cell[:, 0] * grid + cell[:, 1]) * grid + cell[:, 2]
-    coords = np.ascontiguousarray(x * prep.sizes - 0.5)
-    return coords, point_cell, offsets, entries
+    cell_start, order, coords = kernels.bin_points(x, prep.sizes, grid, points.shape[1])
+    return _BinnedPoints(coords=coords, order=order, cell_start=cell_start, offsets=offsets, entries=entries)
 
 
-def _num_chunks(num_points: int, num_gaussians: int) -> int:
-    """Chunks of the point backward pass: a few per thread, within the buffer memory cap."""
+def _num_chunks(num_cells: int, num_gaussians: int) -> int:
+    """Chunks of cells of the point backward pass: a few per thread, within the buffer memory cap."""
     wanted = 4 * numba.get_num_threads()
     cap = _MAX_BUFFER_NUMBERS // max(1, num_gaussians * kernels.NUM_SUMS)
-    return int(max(1, min(wanted, cap, num_points)))
+    return int(max(1, min(wanted, cap, num_cells)))
 
 
 def _gradients_from_sums(sums: np.ndarray, prep: _Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -19,8 +19,9 @@ the inside voxels form a contiguous chord along W, found from the quadratic ``q(
 checked at its ends. Along the chord ``exp(-q/2)`` is advanced by multiplications from the row's
 peak outwards (``e[w+1] = e[w] * rho[w]``, ``rho[w+1] = rho[w] * exp(-A)``), three ``exp`` per row.
 Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
-gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR); the
-forward pass is parallel over points, the backward over chunks of points with private buffers.
+gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR) and
+points are sorted by cell; the forward pass is parallel over cells (each runs its Gaussian list
+against its own points), the backward over chunks of cells with private gradient buffers.
 """
 
 from __future__ import annotations
@@ -272,7 +273,8 @@ def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad:
 
 
 @njit(**_JIT)
-def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: int) -> tuple[np.ndarray, np.ndarray]:
+def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """CSR lists of the Gaussians overlapping each cell of a ``grid^3`` grid per sample.
 
     Args:
@@ -305,61 +307,112 @@ def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: in
     return offsets, entries
 
 
+@njit(**_JIT)
+def bin_points(x: np.ndarray, sizes: np.ndarray, grid: int, per_sample: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sort points by cell of a ``grid^3`` grid per sample (counting sort, stable).
+
+    Args:
+        x: ``[B*M, 3]`` normalised coordinates in ``[0, 1]`` (sample-major).
+        sizes: ``[3]`` volume shape (D, H, W) as floats.
+        grid: cells per axis; per_sample: ``M``.
+    Returns:
+        ``cell_start [B*grid^3 + 1]`` (the points of cell ``c`` are sorted positions
+        ``cell_start[c] : cell_start[c + 1]``), ``order [B*M]`` (original index of each sorted
+        point) and ``coords [B*M, 3]`` (voxel coordinates ``x * size - 0.5``, sorted).
+    """
+    num_points = x.shape[0]
+    cells = grid * grid * grid
+    point_cell = np.empty(num_points, dtype=np.int64)
+    counts = np.zeros((num_points // max(per_sample, 1)) * cells + 1, dtype=np.int64)
+    for i in range(num_points):
+        c = (i // per_sample) * cells
+        for a in range(3):
+            k = min(max(int(math.floor(x[i, a] * grid)), 0), grid - 1)
+            c += k * (grid * grid if a == 0 else (grid if a == 1 else 1))
+        point_cell[i] = c
+        counts[c + 1] += 1
+    cell_start = np.cumsum(counts)
+    cursor = cell_start[:-1].copy()
+    order = np.empty(num_points, dtype=np.int64)
+    coords = np.empty((num_points, 3))
+    for i in range(num_points):
+        c = point_cell[i]
+        j = cursor[c]
+        cursor[c] += 1
+        order[j] = i
+        for a in range(3):
+            coords[j, a] = x[i, a] * sizes[a] - 0.5
+    return cell_start, order, coords
+
+
 @njit(parallel=True, **_JIT)
-def points_forward(params: np.ndarray, coords: np.ndarray, point_cell: np.ndarray, offsets: np.ndarray,
+def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
                    entries: np.ndarray, c2: float) -> np.ndarray:
-    """Splat at points: voxel coordinates ``coords [P, 3]`` with global cell ids ``point_cell [P]`` -> ``[P]``."""
-    num_points = coords.shape[0]
-    out = np.zeros(num_points)
-    for i in prange(num_points):
-        u0 = coords[i, 0]
-        u1 = coords[i, 1]
-        u2 = coords[i, 2]
-        cell = point_cell[i]
-        acc = 0.0
+    """Splat at points sorted by cell: voxel coordinates ``coords [P, 3]`` -> values ``[P]``.
+
+    Parallel over cells; each cell runs its Gaussian list against its own points (``cell_start``).
+    """
+    out = np.zeros(coords.shape[0])
+    for cell in prange(cell_start.shape[0] - 1):
+        first = cell_start[cell]
+        last = cell_start[cell + 1]
+        if first == last:
+            continue
         for k in range(offsets[cell], offsets[cell + 1]):
             p = params[entries[k]]
-            q = _mahalanobis(p, u0, u1, u2)[0]
-            if q < c2:
-                acc += p[INTENSITY] * math.exp(-0.5 * q)
-        out[i] = acc
+            intensity = p[INTENSITY]
+            for i in range(first, last):
+                q = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])[0]
+                if q < c2:
+                    out[i] += intensity * math.exp(-0.5 * q)
     return out
 
 
 @njit(parallel=True, **_JIT)
-def points_backward(params: np.ndarray, coords: np.ndarray, point_cell: np.ndarray, offsets: np.ndarray,
+def points_backward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
                     entries: np.ndarray, c2: float, grad: np.ndarray, num_chunks: int) -> np.ndarray:
-    """Gradient sums ``[B*N, NUM_SUMS]`` for the upstream gradient ``grad [P]`` at the points.
+    """Gradient sums ``[B*N, NUM_SUMS]`` for the upstream gradient ``grad [P]`` at points sorted by cell.
 
-    Parallel over ``num_chunks`` contiguous chunks of points, each with a private ``[B*N, NUM_SUMS]``
+    Parallel over ``num_chunks`` contiguous ranges of cells, each with a private ``[B*N, NUM_SUMS]``
     buffer (no write races); the buffers are summed at the end.
     """
-    num_points = coords.shape[0]
-    chunk = (num_points + num_chunks - 1) // num_chunks
+    num_cells = cell_start.shape[0] - 1
+    per_chunk = (num_cells + num_chunks - 1) // num_chunks
     buffers = np.zeros((num_chunks, params.shape[0], NUM_SUMS))
     for c in prange(num_chunks):
         buf = buffers[c]
-        for i in range(c * chunk, min((c + 1) * chunk, num_points)):
-            g_out = grad[i]
-            if g_out == 0.0:
+        for cell in range(c * per_chunk, min((c + 1) * per_chunk, num_cells)):
+            first = cell_start[cell]
+            last = cell_start[cell + 1]
+            if first == last:
                 continue
-            u0 = coords[i, 0]
-            u1 = coords[i, 1]
-            u2 = coords[i, 2]
-            cell = point_cell[i]
             for k in range(offsets[cell], offsets[cell + 1]):
                 g = entries[k]
-                q, r0, r1, r2 = _mahalanobis(params[g], u0, u1, u2)
-                if q < c2:
-                    ge = g_out * math.exp(-0.5 * q)
-                    buf[g, 0] += ge
-                    buf[g, 1] += ge * r0
-                    buf[g, 2] += ge * r1
-                    buf[g, 3] += ge * r2
-                    buf[g, 4] += ge * r0 * r0
-                    buf[g, 5] += ge * r1 * r1
-                    buf[g, 6] += ge * r2 * r2
-                    buf[g, 7] += ge * r0 * r1
-                    buf[g, 8] += ge * r0 * r2
-                    buf[g, 9] += ge * r1 * r2
+                p = params[g]
+                s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
+                for i in range(first, last):
+                    q, r0, r1, r2 = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])
+                    if q < c2:
+                        ge = grad[i] * math.exp(-0.5 * q)
+                        s0 += ge
+                        s1 += ge * r0
+                        s2 += ge * r1
+                        s3 += ge * r2
+                        s4 += ge * r0 * r0
+                        s5 += ge * r1 * r1
+                        s6 += ge * r2 * r2
+                        s7 += ge * r0 * r1
+                        s8 += ge * r0 * r2
+                        s9 += ge * r1 * r2
+                buf[g, 0] += s0
+                buf[g, 1] += s1
+                buf[g, 2] += s2
+                buf[g, 3] += s3
+                buf[g, 4] += s4
+                buf[g, 5] += s5
+                buf[g, 6] += s6
+                buf[g, 7] += s7
+                buf[g, 8] += s8
+                buf[g, 9] += s9
     return buffers.sum(axis=0)
