@@ -11,6 +11,8 @@ later structures overwrite earlier ones where they overlap (e.g. the heart is cu
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -193,23 +195,53 @@ def write_phantom_dataset(
     spacing: float | Sequence[float] = 2.5,
     seed: int = 0,
     noise_hu: float = 15.0,
+    overwrite: bool = False,
 ) -> list[dict[str, str]]:
     """Write ``num_cases`` phantoms as ``phantom_XXX_ct.nii.gz`` / ``phantom_XXX_labels.nii.gz``.
 
-    Case ``i`` uses seed ``seed + i``. Returns the datalist ``[{"image": ..., "label": ...}, ...]``.
+    Case ``i`` uses seed ``seed + i``. The parameters are recorded in ``out_dir/phantoms.json``; a later
+    call with the same parameters reuses the files (phantoms are deterministic), one with different
+    parameters raises unless ``overwrite=True``.
+
+    Returns:
+        The datalist ``[{"image": ..., "label": ...}, ...]``.
+
+    Raises:
+        ValueError: ``num_cases < 1``, or ``out_dir`` holds phantoms made with other parameters.
     """
     if num_cases < 1:
         raise ValueError(f"num_cases must be >= 1, got {num_cases}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    datalist = []
-    for i in range(num_cases):
-        hu, labels, affine = make_ct_phantom(shape, spacing, seed=seed + i, noise_hu=noise_hu)
-        entry = {
+    params = {
+        "num_cases": int(num_cases),
+        "shape": [int(s) for s in shape],
+        "spacing": [float(spacing)] * 3 if isinstance(spacing, (int, float)) else [float(s) for s in spacing],
+        "seed": int(seed),
+        "noise_hu": float(noise_hu),
+    }
+    datalist = [
+        {
             "image": str(out_dir / f"phantom_{i:03d}_ct.nii.gz"),
             "label": str(out_dir / f"phantom_{i:03d}_labels.nii.gz"),
         }
+        for i in range(num_cases)
+    ]
+    manifest = out_dir / "phantoms.json"
+    if manifest.is_file() and not overwrite:
+        recorded = json.loads(manifest.read_text())
+        if recorded != params:
+            raise ValueError(
+                f"{out_dir} already holds phantoms made with {recorded}, not {params}; "
+                "choose another out_dir or pass overwrite=True"
+            )
+        if all(Path(e[k]).is_file() for e in datalist for k in e):
+            return datalist
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, entry in enumerate(datalist):
+        hu, labels, affine = make_ct_phantom(shape, spacing, seed=seed + i, noise_hu=noise_hu)
         nib.save(nib.Nifti1Image(hu, affine), entry["image"])
         nib.save(nib.Nifti1Image(labels, affine), entry["label"])
-        datalist.append(entry)
+    tmp = manifest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(params))
+    os.replace(tmp, manifest)  # written last: its presence means every file is complete
     return datalist

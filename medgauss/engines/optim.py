@@ -63,7 +63,7 @@ def build_optimizer(
         model: the model to optimise.
         max_steps: optimizer steps of the whole run (end of the cosine).
         lr: peak learning rate; weight_decay: decoupled decay of the decayed group; betas, eps: AdamW.
-        warmup_steps: linear warmup length in optimizer steps (must be < ``max_steps``).
+        warmup_steps: linear warmup length in optimizer steps (``>= max_steps``: the run is all warmup).
         min_lr_ratio: final learning rate as a fraction of ``lr``.
 
     Returns:
@@ -71,8 +71,8 @@ def build_optimizer(
     """
     if max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-    if not 0 <= warmup_steps < max_steps:
-        raise ValueError(f"warmup_steps must be in [0, max_steps={max_steps}), got {warmup_steps}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if lr <= 0 or weight_decay < 0 or not 0 <= min_lr_ratio <= 1:
         raise ValueError(
             f"need lr > 0, weight_decay >= 0, 0 <= min_lr_ratio <= 1; got {lr}, {weight_decay}, "
