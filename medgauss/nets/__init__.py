@@ -1,0 +1,27 @@
+"""Networks: the ViT3D encoder, MedGMAE / MedGMAE* / voxel-MAE pretraining models, a named-size
+registry (``create_model``), safetensors persistence and export of encoders to MONAI's UNETR."""
+
+from medgauss.nets import zoo  # noqa: F401  (registers the named sizes)
+from medgauss.nets.gaussian_mae import GaussianMAE, GaussianMAEOutput
+from medgauss.nets.masking import MaskingResult, random_masking
+from medgauss.nets.monai_export import encoder_to_monai_state_dict, monai_vit_kwargs
+from medgauss.nets.pretrained import load_pretrained
+from medgauss.nets.registry import create_model, list_models, register_model
+from medgauss.nets.vit3d import ViT3D
+from medgauss.nets.voxel_mae import VoxelMAE, VoxelMAEOutput
+
+__all__ = [
+    "GaussianMAE",
+    "GaussianMAEOutput",
+    "VoxelMAE",
+    "VoxelMAEOutput",
+    "ViT3D",
+    "MaskingResult",
+    "random_masking",
+    "create_model",
+    "list_models",
+    "register_model",
+    "load_pretrained",
+    "encoder_to_monai_state_dict",
+    "monai_vit_kwargs",
+]

@@ -1,0 +1,87 @@
+"""The named model sizes (registered on import of :mod:`medgauss.nets`).
+
+=========  =====================================  ==================================  =======
+size       encoder (hidden / layers / heads / mlp)  decoder (dim / layers / heads)      queries
+=========  =====================================  ==================================  =======
+tiny       192 / 6 / 3 / 768                      128 / 2 / 4                         128
+base       768 / 12 / 12 / 3072 (UNETR's ViT)     512 / 8 / 16                        512
+large      1536 / 12 / 16 / 6144                  528 / 8 / 16                        512
+=========  =====================================  ==================================  =======
+
+``gmae_*`` = MedGMAE, ``gmae_star_*`` = MedGMAE* (children per level-0 Gaussian: 2 at level 1,
+4 at level 2), ``vmae_*`` = voxel-MAE baseline with the same encoder and decoder trunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medgauss.nets.gaussian_mae import GaussianMAE
+from medgauss.nets.registry import register_model
+from medgauss.nets.voxel_mae import VoxelMAE
+
+__all__ = ["SIZES", "STAR_CHILDREN"]
+
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=192, num_layers=6, num_heads=3, mlp_dim=768,
+                 decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "base": dict(hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                 decoder_dim=512, decoder_depth=8, decoder_heads=16),
+    "large": dict(hidden_size=1536, num_layers=12, num_heads=16, mlp_dim=6144,
+                  decoder_dim=528, decoder_depth=8, decoder_heads=16),
+}
+QUERIES = {"tiny": 128, "base": 512, "large": 512}
+STAR_CHILDREN = (2, 4)
+
+
+def _gmae(size: str, overrides: dict[str, Any], **extra: Any) -> GaussianMAE:
+    return GaussianMAE(**{**SIZES[size], "num_queries": QUERIES[size], **extra, **overrides})
+
+
+def _vmae(size: str, overrides: dict[str, Any]) -> VoxelMAE:
+    return VoxelMAE(**{**SIZES[size], **overrides})
+
+
+@register_model
+def gmae_tiny(**overrides: Any) -> GaussianMAE:
+    return _gmae("tiny", overrides)
+
+
+@register_model
+def gmae_base(**overrides: Any) -> GaussianMAE:
+    return _gmae("base", overrides)
+
+
+@register_model
+def gmae_large(**overrides: Any) -> GaussianMAE:
+    return _gmae("large", overrides)
+
+
+@register_model
+def gmae_star_tiny(**overrides: Any) -> GaussianMAE:
+    return _gmae("tiny", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def gmae_star_base(**overrides: Any) -> GaussianMAE:
+    return _gmae("base", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def gmae_star_large(**overrides: Any) -> GaussianMAE:
+    return _gmae("large", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def vmae_tiny(**overrides: Any) -> VoxelMAE:
+    return _vmae("tiny", overrides)
+
+
+@register_model
+def vmae_base(**overrides: Any) -> VoxelMAE:
+    return _vmae("base", overrides)
+
+
+@register_model
+def vmae_large(**overrides: Any) -> VoxelMAE:
+    return _vmae("large", overrides)
