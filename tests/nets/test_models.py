@@ -1,0 +1,160 @@
+"""One generic test over every registered model (tiny sizes), plus model-specific checks."""
+
+import math
+
+import pytest
+import torch
+
+from medgauss.gaussians import Gaussians
+from medgauss.losses import MaskedGaussianLoss, pretrain_loss_for
+from medgauss.nets import GaussianMAE, VoxelMAE, create_model, list_models
+from medgauss.nets.decoders import HEAD_BIAS_INIT
+from medgauss.nets.zoo import SIZES
+
+# Small inputs keep the generic test fast; every other constructor argument is the registered one.
+SMALL = dict(img_size=16, patch_size=4)
+
+
+def small_model(name: str, **extra):
+    overrides = dict(SMALL, **extra)
+    if name.startswith("gmae"):
+        overrides.setdefault("num_queries", 8)
+    return create_model(name, **overrides)
+
+
+def loss_for(model):
+    if isinstance(model, GaussianMAE):
+        return pretrain_loss_for(model, backend="torch", cutoff=None)
+    return pretrain_loss_for(model)
+
+
+def test_registry_names():
+    expected = {f"{k}_{s}" for k in ("gmae", "gmae_star", "vmae") for s in ("tiny", "base", "large")}
+    assert expected <= set(list_models())
+    assert list_models("vmae_*") == ["vmae_base", "vmae_large", "vmae_tiny"]
+    with pytest.raises(ValueError, match="unknown model name"):
+        create_model("gmae_huge")
+
+
+@pytest.mark.parametrize("name", list_models("*tiny"))
+def test_every_tiny_model_trains(name):
+    torch.manual_seed(0)
+    model = small_model(name)
+    assert model.registry_name == name
+    images = torch.rand(2, 1, 16, 16, 16)
+    out = model(images)
+    num_patches = 4 ** 3
+    assert out.mask.shape == (2, num_patches) and out.mask.dtype == torch.bool
+    assert out.mask.sum(1).tolist() == [round(0.75 * num_patches)] * 2
+    if isinstance(model, GaussianMAE):
+        g = out.gaussians
+        assert isinstance(g, Gaussians)
+        assert g.means.shape == (2, model.num_gaussians, 3)
+        assert g.num_gaussians == sum(out.level_sizes)
+        Gaussians(g.means, g.scales, g.quats, g.intensities)  # validates: finite, positive scales
+        recon = model.reconstruct(out, images.shape, backend="torch")
+    else:
+        assert out.pred.shape == (2, num_patches, 4 ** 3)
+        assert torch.isfinite(out.pred).all()
+        recon = model.reconstruct(out, images.shape)
+    assert recon.shape == (2, 1, 16, 16, 16) and torch.isfinite(recon).all()
+    vol = model.mask_to_volume(out.mask)
+    assert vol.shape == (2, 1, 16, 16, 16) and vol.dtype == torch.bool
+    assert vol.sum().item() == out.mask.sum().item() * 4 ** 3
+
+    loss = loss_for(model)(out, images)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not bool(p.grad.abs().sum() > 0)]
+    assert not no_grad, f"parameters without gradient: {no_grad}"
+
+
+def test_star_levels_sizes_and_base_config():
+    model = small_model("gmae_star_tiny")
+    assert model.level_sizes == (8, 16, 32)
+    assert model.num_gaussians == 56
+    plain = small_model("gmae_tiny")
+    assert plain.level_sizes == (8,) and plain.levels is None
+    assert SIZES["base"]["hidden_size"] == 768 and SIZES["base"]["num_layers"] == 12
+
+
+def test_head_bias_and_weight_init():
+    model = small_model("gmae_tiny")
+    heads = model.heads
+    assert HEAD_BIAS_INIT == {"center": 0.0, "scale": -1.386, "rotation": 0.0, "intensity": -0.405}
+    for name, value in HEAD_BIAS_INIT.items():
+        layer = getattr(heads, name)
+        assert torch.all(layer.bias == torch.tensor(value))
+        fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
+        bound = math.sqrt(6.0 / (fan_in + fan_out))  # Xavier-uniform bound
+        assert layer.weight.abs().max() <= bound
+        assert layer.weight.abs().max() > 0.8 * bound
+    # head activations: centre in (0, 1), scale = sigmoid * max_scale, unit quaternion, intensity in (0, 1)
+    features = torch.zeros(1, 2, heads.center.in_features)
+    g = heads(features)
+    assert torch.allclose(g.means, torch.full_like(g.means, 0.5))
+    assert torch.allclose(g.scales, torch.full_like(g.scales, torch.sigmoid(torch.tensor(-1.386)) * 0.1))
+    assert torch.allclose(g.intensities, torch.full_like(g.intensities, torch.sigmoid(torch.tensor(-0.405))))
+    g = heads(torch.randn(1, 5, heads.center.in_features))
+    assert torch.allclose(g.quats.norm(dim=-1), torch.ones(1, 5))
+    assert (g.scales < 0.1).all() and (g.scales > 0).all()
+
+
+def test_max_scale_is_configurable():
+    model = small_model("gmae_tiny", max_scale=0.3)
+    out = model(torch.rand(1, 1, 16, 16, 16))
+    assert (out.gaussians.scales < 0.3).all()
+    assert out.gaussians.scales.max() > 0.1 * 0.3
+
+
+def test_same_noise_same_mask_across_models():
+    noise = torch.rand(2, 64)
+    images = torch.rand(2, 1, 16, 16, 16)
+    a = small_model("gmae_tiny")(images, noise=noise)
+    b = small_model("vmae_tiny")(images, noise=noise)
+    assert torch.equal(a.mask, b.mask)
+
+
+@pytest.mark.parametrize("model_cls", [GaussianMAE, VoxelMAE])
+def test_bad_images_raise_value_error_naming_images(model_cls):
+    model = model_cls(img_size=16, patch_size=4, hidden_size=24, num_layers=1, num_heads=2, mlp_dim=48,
+                      decoder_dim=12, decoder_depth=1, decoder_heads=2)
+    with pytest.raises(ValueError, match=r"images must have shape \[B, C, D, H, W\]"):
+        model(torch.rand(1, 16, 16, 16))
+    with pytest.raises(ValueError, match="images must have 1 channel"):
+        model(torch.rand(1, 2, 16, 16, 16))
+    with pytest.raises(ValueError, match="images must have spatial size"):
+        model(torch.rand(1, 1, 16, 16, 20))
+    with pytest.raises(ValueError, match="images must be a floating-point"):
+        model(torch.zeros(1, 1, 16, 16, 16, dtype=torch.int16))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(img_size=18, patch_size=4), "img_size"),
+    (dict(img_size=(16, 16), patch_size=4), "img_size"),
+    (dict(img_size=16, patch_size=0), "patch_size"),
+    (dict(img_size=16, patch_size=4, mask_ratio=1.0), "mask_ratio"),
+    (dict(img_size=16, patch_size=4, hidden_size=25), "divisible by num_heads"),
+])
+def test_bad_constructor_arguments(kwargs, match):
+    base = dict(hidden_size=24, num_layers=1, num_heads=2, mlp_dim=48, decoder_dim=12, decoder_depth=1,
+                decoder_heads=2)
+    with pytest.raises(ValueError, match=match):
+        GaussianMAE(**{**base, **kwargs})
+
+
+def test_patch_size_12_is_supported():
+    model = create_model("vmae_tiny", img_size=24, patch_size=12, num_layers=1, decoder_depth=1)
+    out = model(torch.rand(1, 1, 24, 24, 24))
+    assert out.pred.shape == (1, 8, 12 ** 3)
+    assert out.mask.sum().item() == 6
+
+
+def test_gaussian_loss_rejects_mismatched_images():
+    model = small_model("gmae_tiny")
+    out = model(torch.rand(2, 1, 16, 16, 16))
+    loss = MaskedGaussianLoss(backend="torch")
+    with pytest.raises(ValueError, match="images must have shape"):
+        loss(out, torch.rand(2, 1, 16, 16, 8))
+    with pytest.raises(ValueError, match="1 channel"):
+        loss(out, torch.rand(2, 2, 16, 16, 16))
