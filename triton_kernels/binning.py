@@ -90,10 +90,10 @@ def bin_gaussians(means: Tensor, half_extents: Tensor, grid: TileGrid) -> tuple[
     box = (hi - lo + 1).clamp_min(0)  # [B, N, 3] tiles per axis
     counts = box.prod(-1).reshape(-1)  # [B*N]
     num_keys = b * grid.num_tiles
-    if num_keys * max(n, 1) >= 2**31:
-        raise ValueError(f"too many (tile, Gaussian) keys for int32 indexing: B={b}, N={n}, "
-                         f"tiles={grid.num_tiles}")
     total = int(counts.sum())
+    if total >= 2**31:
+        raise ValueError(f"{total} (tile, Gaussian) pairs exceed int32 indexing (B={b}, N={n}, "
+                         f"tiles={grid.num_tiles}); use a smaller cutoff, fewer Gaussians or smaller batches")
     if total == 0:
         return torch.zeros(num_keys + 1, dtype=torch.int32, device=device), torch.zeros(
             0, dtype=torch.int32, device=device)
