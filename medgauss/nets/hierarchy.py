@@ -30,8 +30,10 @@ _RAW_PER_CHILD = 11  # scale 3, mean 3, intensity 1, rotation 4
 
 
 def keep_positive(scales: Tensor, min_scale: float) -> Tensor:
-    """Smooth floor ``min_scale + softplus(s - min_scale, beta=1/min_scale)``: always ``> min_scale``,
-    equal to ``s`` (to float precision) once ``s > ~30 * min_scale``, and never zero-gradient."""
+    """Smooth floor ``min_scale + softplus(s - min_scale, beta=1/min_scale)`` (same shape as ``scales``).
+
+    Never below ``min_scale``, equal to ``s`` (to float precision) once ``s > ~30 * min_scale``, and
+    with a non-zero gradient wherever it does not underflow (``s`` far below the floor)."""
     return min_scale + F.softplus(scales - min_scale, beta=1.0 / min_scale, threshold=30.0)
 
 
