@@ -1,0 +1,173 @@
+"""Pretraining step benchmark: MedGMAE vs MedGMAE* vs voxel-MAE with the same encoder.
+
+Measures one training step (forward + loss + backward + AdamW step) and peak memory for each model
+at each size, on CPU and (when available) CUDA, in one run, and reports each time as a ratio to the
+voxel-MAE step of the same size and device. Each configuration runs in its own subprocess, so peak
+memory (max RSS on CPU, ``max_memory_allocated`` on CUDA) belongs to that configuration alone.
+
+    python benchmarks/pretrain_step.py            # tiny and base, CPU (+ CUDA if present)
+    python benchmarks/pretrain_step.py --quick    # tiny only, fewer steps
+
+Prints a table and writes ``benchmarks/results/pretrain_step.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("gmae", "gmae_star", "vmae")
+LABELS = {"gmae": "MedGMAE", "gmae_star": "MedGMAE*", "vmae": "voxel-MAE"}
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_worker(cfg: dict) -> dict:
+    """Build one model, run warm-up + timed steps, return timings (ms) and memory (MiB)."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from medgauss.losses import pretrain_loss_for
+    from medgauss.nets import GaussianMAE, create_model
+
+    torch.manual_seed(0)
+    device = cfg["device"]
+    name = f"{cfg['kind']}_{cfg['size']}"
+    model = create_model(name, img_size=cfg["img_size"]).to(device).train()
+    loss_kwargs = {"backend": cfg["backend"]} if isinstance(model, GaussianMAE) else {}
+    loss_fn = pretrain_loss_for(model, **loss_kwargs)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
+    images = torch.rand(cfg["batch_size"], 1, *([cfg["img_size"]] * 3), device=device)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    phases: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "optimizer": [], "step": []}
+    for step in range(cfg["warmup"] + cfg["steps"]):
+        if step == cfg["warmup"] and device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(images)
+        _sync(device)
+        t1 = time.perf_counter()
+        loss = loss_fn(out, images)
+        _sync(device)
+        t2 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        _sync(device)
+        t3 = time.perf_counter()
+        opt.step()
+        _sync(device)
+        t4 = time.perf_counter()
+        if step >= cfg["warmup"]:
+            for key, dt in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                phases[key].append(1e3 * dt)
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{name}: non-finite loss {loss.item()}")
+    if hasattr(out, "gaussians"):
+        outputs = out.gaussians.num_gaussians * 11  # 3 centre + 3 scale + 4 quaternion + 1 intensity
+    else:
+        outputs = out.pred[0].numel()
+    result = {k: statistics.median(v) for k, v in phases.items()}
+    result.update(
+        model=name, kind=cfg["kind"], size=cfg["size"], device=device, batch_size=cfg["batch_size"],
+        img_size=cfg["img_size"], backend=cfg["backend"], outputs_per_sample=outputs,
+        parameters=sum(p.numel() for p in model.parameters()), final_loss=float(loss),
+        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_before_steps_mib=rss_before,
+        step_ms_all=phases["step"], threads=torch.get_num_threads(),
+    )
+    if device == "cuda":
+        result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def run_config(cfg: dict, timeout: float) -> dict:
+    cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        error = proc.stderr.strip().splitlines()[-1:]
+        return {**cfg, "model": f"{cfg['kind']}_{cfg['size']}", "error": error}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_table(results: list[dict]) -> None:
+    header = (f"{'device':6} {'size':5} {'model':10} {'step ms':>9} {'x vMAE':>7} {'fwd':>8} {'loss':>8} "
+              f"{'bwd':>8} {'opt':>7} {'peak MiB':>9} {'outputs/sample':>15}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        if "error" in r:
+            print(f"{r['device']:6} {r['size']:5} {LABELS[r['kind']]:10} failed: {r['error']}")
+            continue
+        ratio = r.get("ratio_to_vmae")
+        mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
+        print(f"{r['device']:6} {r['size']:5} {LABELS[r['kind']]:10} {r['step']:9.1f} "
+              f"{'' if ratio is None else f'{ratio:6.2f}x':>7} {r['forward']:8.1f} {r['loss']:8.1f} "
+              f"{r['backward']:8.1f} {r['optimizer']:7.1f} {mem:9.0f} {r['outputs_per_sample']:15,d}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large"])
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--img-size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT compilation)")
+    parser.add_argument("--backend", default="auto", help="splat backend for the Gaussian losses")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
+    parser.add_argument("--quick", action="store_true", help="tiny only, 3 timed steps")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pretrain_step.json")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+
+    import torch
+
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    sizes = ["tiny"] if args.quick else args.sizes
+    steps = 3 if args.quick else args.steps
+    results = []
+    for device in devices:
+        for size in sizes:
+            rows = []
+            for kind in args.kinds:
+                cfg = dict(kind=kind, size=size, device=device, batch_size=args.batch_size,
+                           img_size=args.img_size, steps=steps, warmup=args.warmup, backend=args.backend)
+                rows.append(run_config(cfg, args.timeout))
+                print(f"  done {device} {size} {kind}", file=sys.stderr, flush=True)
+            vmae = next((r for r in rows if r["kind"] == "vmae" and "error" not in r), None)
+            for r in rows:
+                if vmae is not None and "error" not in r:
+                    r["ratio_to_vmae"] = r["step"] / vmae["step"]
+            results.extend(rows)
+    print(f"\npretrain step (forward+loss+backward+AdamW), batch {args.batch_size}, {args.img_size}^3, "
+          f"median of {steps} steps, times in ms; splat backend {args.backend!r}; "
+          f"{os.cpu_count()} CPU cores")
+    print_table(results)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
+    args.output.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
