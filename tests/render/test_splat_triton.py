@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,6 +328,52 @@ def test_kernel_rejects_bad_arguments():
         splat_tiles(means, prec, inten, ext, (4, 4, 4), points=torch.zeros(2, 5, 3))
     with pytest.raises(ValueError, match="shape must be"):
         splat_tiles(means, prec, inten, ext, (4, 0, 4))
+
+
+# ------------------------------------------------------------------------------- real compilation
+_COMPILE_FOR_H100 = textwrap.dedent("""
+    import itertools, os, subprocess, sys, tempfile
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton_kernels import splat as S
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ints = ("N", "D", "H", "W", "tiles_h", "tiles_w", "num_tiles", "v_total")
+    int_ptrs = ("tile_start_ptr", "gauss_ids_ptr", "item_tile_ptr", "item_start_ptr", "item_count_ptr")
+    tile = S.DEFAULT_TILE
+    for dtype, backward, points, listed in itertools.product(
+            (torch.float32, torch.float64), (False, True), (False, True), (False, True)):
+        kernel = S._splat_bwd_kernel if backward else S._splat_fwd_kernel
+        fp = "*fp32" if dtype == torch.float32 else "*fp64"
+        consts = dict(TD=tile[0], TH=tile[1], TW=tile[2], BLOCK_G=S.DEFAULT_BLOCK_G, POINTS=points,
+                      USE_LIST=listed, HAS_CUTOFF=listed)
+        sig = {a: ("i32" if a in ints else "*i32" if a in int_ptrs else "constexpr" if a in consts else fp)
+               for a in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": S.num_warps_for(backward, dtype)})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        line = next(s for s in usage.splitlines() if "REG:" in s).strip()
+        print(dtype, kernel.__name__, points, listed, line)
+        assert " STACK:0 " in line and " LOCAL:0 " in line, f"register spills: {line}"
+""")
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100_without_spills():
+    """Compiles every kernel variant to an sm_90 cubin (no GPU needed) and checks it spills nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("REG:") == 16
 
 
 # ---------------------------------------------------------------------------------------------- GPU
