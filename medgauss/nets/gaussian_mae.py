@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from medgauss.gaussians import Gaussians
@@ -108,8 +109,13 @@ class GaussianMAE(PretrainedMixin, nn.Module):
         masking = random_masking(tokens, self.mask_ratio, noise)
         latent = self.encoder.encode_tokens(masking.kept)
         features = self.decoder(latent, masking.ids_keep)
-        base = self.heads(features)
-        levels = [] if self.levels is None else self.levels(base, features)
+        # Gaussian parameters are always computed in (at least) float32, also under bf16/fp16 autocast:
+        # renderers and the container expect full-precision geometry.
+        if features.dtype in (torch.float16, torch.bfloat16):
+            features = features.float()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            base = self.heads(features)
+            levels = [] if self.levels is None else self.levels(base, features)
         gaussians = Gaussians.cat([base, *levels], dim=1) if levels else base
         return GaussianMAEOutput(gaussians, masking.mask, masking.ids_restore, masking.ids_keep,
                                  self.encoder.grid_size, self.encoder.patch_size, self.level_sizes)

@@ -158,3 +158,11 @@ def test_gaussian_loss_rejects_mismatched_images():
         loss(out, torch.rand(2, 1, 16, 16, 8))
     with pytest.raises(ValueError, match="1 channel"):
         loss(out, torch.rand(2, 2, 16, 16, 16))
+
+
+def test_gaussians_stay_float32_under_bf16_autocast():
+    model = small_model("gmae_star_tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 1, 16, 16, 16))
+    assert out.gaussians.dtype == torch.float32
+    assert out.gaussians.scales.dtype == out.gaussians.intensities.dtype == torch.float32
