@@ -7,6 +7,7 @@ scales and quats through :func:`medgauss.render._common.precision_upper` by auto
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from medgauss.gaussians import Gaussians
@@ -15,6 +16,10 @@ from triton_kernels.splat import splat_tiles
 
 __all__ = ["splat"]
 
+# The kernels compute in float32 or float64; half-precision Gaussians (autocast training) are
+# evaluated in float32 and the result cast back, so callers get their own dtype as from the reference.
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
 
 def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor | None = None,
           cutoff: float | None = 3.0) -> Tensor:
@@ -22,17 +27,21 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
 
     Args:
         gaussians: ``B`` x ``N`` Gaussians in normalised coordinates, on CUDA (or CPU under
-            ``TRITON_INTERPRET=1``), float32 or float64.
+            ``TRITON_INTERPRET=1``); float32 / float64 (float16 / bfloat16 are computed in float32).
         shape: ``(D, H, W)`` of the volume.
         points: optional normalised query points ``[B, M, 3]`` in ``[0, 1]``, the Gaussians' dtype.
         cutoff: strict Mahalanobis truncation radius, or ``None`` for every term.
 
     Returns:
-        ``[B, 1, D, H, W]`` at voxel centres without ``points``, else ``[B, M]``.
+        ``[B, 1, D, H, W]`` at voxel centres without ``points``, else ``[B, M]``; the Gaussians' dtype.
     """
-    b = gaussians.batch_size
+    b, out_dtype = gaussians.batch_size, gaussians.dtype
+    if out_dtype in _HALF_DTYPES:
+        gaussians = gaussians.to(torch.float32)
+        points = None if points is None else points.to(torch.float32)
     values = splat_tiles(gaussians.means, precision_upper(gaussians), gaussians.intensities,
                          half_extents(gaussians, cutoff), shape, points=points, cutoff=cutoff)
+    values = values.to(out_dtype)
     if points is None:
         return values.reshape(b, 1, *shape)
     return values

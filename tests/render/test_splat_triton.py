@@ -179,6 +179,19 @@ def test_gaussians_outside_volume_contribute_nothing_and_get_zero_gradient():
     assert not g.any()
 
 
+@needs_interpreter
+def test_bfloat16_gaussians_are_computed_in_float32_and_returned_in_their_dtype():
+    params = random_params(1, 4, dtype=torch.float32, seed=14)
+    leaves = [p.to(torch.bfloat16).requires_grad_(True) for p in params]
+    out = splat(Gaussians(*leaves), SHAPE, backend="triton")
+    assert out.dtype == torch.bfloat16
+    want = splat(Gaussians(*(p.to(torch.bfloat16).float() for p in params)), SHAPE, backend="triton")
+    # (the container normalises bfloat16 quats in bfloat16: agree to bfloat16 precision)
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    grads = torch.autograd.grad(out.float().square().sum(), leaves)
+    assert all(g.dtype == torch.bfloat16 and bool(g.isfinite().all()) and g.any() for g in grads)
+
+
 # ---------------------------------------------------------------------------------------- gradients
 @needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -382,6 +395,11 @@ def test_kernels_compile_for_h100_without_spills():
                     reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET=0)")
 class TestTritonOnCuda:
     shape = (33, 40, 47)
+
+    def test_auto_selects_triton_on_cuda(self):
+        from medgauss.render import resolve_backend
+
+        assert resolve_backend("splat", "auto", torch.device("cuda")) == "triton"
 
     @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
     @pytest.mark.parametrize("cutoff", [None, 3.0])
