@@ -97,7 +97,8 @@ def _forward_kernel(vol, vec, is_cone, org, sp, shape, out):
         r = job % rows
         for c in range(cols):
             k0, k1, a, b, cc, oa, da, ob, db, oc, dc, weight = _ray_setup(
-                vec, v, r, c, is_cone, org, sp, n0, n1, n2)
+                vec, v, r, c, is_cone, org, sp, n0, n1, n2
+            )
             nbsz = shape[b]
             ncsz = shape[cc]
             sa, sb, sc = strides[a], strides[b], strides[cc]
@@ -141,7 +142,8 @@ def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, num_slabs, out):
                         if val == 0.0:
                             continue
                         k0, k1, a, b, cc, oa, da, ob, db, oc, dc, weight = _ray_setup(
-                            vec, v, r, c, is_cone, org, sp, n0, n1, n2)
+                            vec, v, r, c, is_cone, org, sp, n0, n1, n2
+                        )
                         if k1 < k0:
                             continue
                         if a == 0:
@@ -199,8 +201,9 @@ def _forward(volume: Tensor, geometry: CircularGeometry) -> Tensor:
     rows, cols = args["det_shape"]
     vol = _numpy(volume.reshape(b, -1))
     out = np.empty((b, geometry.num_views, rows, cols), dtype=np.float64)
-    _forward_kernel(vol, args["vectors"], args["is_cone"], args["origin"], args["spacing"],
-                    args["vol_shape"], out)
+    _forward_kernel(
+        vol, args["vectors"], args["is_cone"], args["origin"], args["spacing"], args["vol_shape"], out
+    )
     return torch.from_numpy(out).to(volume.dtype)
 
 
@@ -211,8 +214,16 @@ def _adjoint(projections: Tensor, geometry: CircularGeometry) -> Tensor:
     proj = _numpy(projections)
     out = np.zeros((b, d * h * w), dtype=np.float64)
     num_slabs = max(1, min(d, 2 * numba.get_num_threads()))
-    _adjoint_kernel(proj, args["vectors"], args["is_cone"], args["origin"], args["spacing"],
-                    args["vol_shape"], num_slabs, out)
+    _adjoint_kernel(
+        proj,
+        args["vectors"],
+        args["is_cone"],
+        args["origin"],
+        args["spacing"],
+        args["vol_shape"],
+        num_slabs,
+        out,
+    )
     return torch.from_numpy(out).reshape(b, 1, d, h, w).to(projections.dtype)
 
 

@@ -72,10 +72,11 @@ def forward_project(volume: Tensor, geometry: CircularGeometry) -> Tensor:
             continue
         step = max(1, _SAMPLES_PER_CHUNK // geometry.vol_shape[axis])
         for start in range(0, ids.numel(), step):
-            sel = ids[start:start + step]
+            sel = ids[start : start + step]
             if need_grad:
-                vals = checkpoint(_chunk_integrals, volume_cb, o[sel], d[sel], axis, geometry.is_cone,
-                                  use_reentrant=False)
+                vals = checkpoint(
+                    _chunk_integrals, volume_cb, o[sel], d[sel], axis, geometry.is_cone, use_reentrant=False
+                )
             else:
                 vals = _chunk_integrals(volume_cb, o[sel], d[sel], axis, geometry.is_cone)
             out = out.index_copy(1, sel, vals) if need_grad else out.index_copy_(1, sel, vals)

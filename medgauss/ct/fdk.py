@@ -30,8 +30,14 @@ WINDOWS = ("ram-lak", "shepp-logan", "cosine", "hamming", "hann")
 _VOXELS_PER_CHUNK = 1 << 22
 
 
-def ramp_filter(length: int, spacing: float, window: str = "ram-lak", *, dtype: torch.dtype = torch.float64,
-                device: torch.device | str = "cpu") -> Tensor:
+def ramp_filter(
+    length: int,
+    spacing: float,
+    window: str = "ram-lak",
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> Tensor:
     """Frequency response ``[n_fft]`` of the apodised discrete ramp filter for rows of ``length`` samples.
 
     Uses the spatial ramp kernel of Kak & Slaney (``h(0) = 1/(4 tau^2)``, ``h(n odd) = -1/(n pi tau)^2``,
@@ -78,8 +84,12 @@ def filter_projections(projections: Tensor, geometry: CircularGeometry, window: 
     p = projections
     if isinstance(geometry, ConeBeamGeometry):
         row_mm, col_mm = geometry.det_spacing
-        a = ((torch.arange(cols, dtype=torch.float64) - (cols - 1) / 2) * col_mm + geometry.det_offset[1]) * scale
-        b = ((torch.arange(rows, dtype=torch.float64) - (rows - 1) / 2) * row_mm + geometry.det_offset[0]) * scale
+        a = (
+            (torch.arange(cols, dtype=torch.float64) - (cols - 1) / 2) * col_mm + geometry.det_offset[1]
+        ) * scale
+        b = (
+            (torch.arange(rows, dtype=torch.float64) - (rows - 1) / 2) * row_mm + geometry.det_offset[0]
+        ) * scale
         cosine = geometry.dso / torch.sqrt(geometry.dso**2 + a[None, :] ** 2 + b[:, None] ** 2)
         p = p * cosine.to(dtype=p.dtype, device=p.device)
     response = ramp_filter(cols, geometry.det_spacing[1] * scale, window, dtype=p.dtype, device=p.device)
@@ -134,9 +144,12 @@ def _backproject_weighted(filtered: Tensor, geometry: CircularGeometry, weights:
         # [V, 3, slab, H, W]: (col w, row w, w) of every voxel in every view
         hom = m[:, :, 0] * xs + m[:, :, 1] * ys[:, None] + m[:, :, 2] * z + m[:, :, 3]
         inv_w = 1.0 / hom[:, 2]
-        grid = torch.stack(((2 * hom[:, 0] * inv_w + 1) / cols - 1, (2 * hom[:, 1] * inv_w + 1) / rows - 1), -1)
-        vals = F.grid_sample(images, grid.reshape(v, -1, w, 2), mode="bilinear", padding_mode="zeros",
-                             align_corners=False).reshape(v, b, -1, h, w)
+        grid = torch.stack(
+            ((2 * hom[:, 0] * inv_w + 1) / cols - 1, (2 * hom[:, 1] * inv_w + 1) / rows - 1), -1
+        )
+        vals = F.grid_sample(
+            images, grid.reshape(v, -1, w, 2), mode="bilinear", padding_mode="zeros", align_corners=False
+        ).reshape(v, b, -1, h, w)
         if isinstance(geometry, ConeBeamGeometry):
             vals = vals * ((geometry.dso / geometry.dsd) * inv_w)[:, None] ** 2
         out[:, z0 : z0 + slab] = (vals * view_w).sum(dim=0)
@@ -156,11 +169,19 @@ def fdk(projections: Tensor, geometry: CircularGeometry, *, window: str = "ram-l
         ``[B, 1, D, H, W]`` attenuation per mm on ``geometry``'s volume grid, in the projections' dtype.
     """
     if not isinstance(geometry, CircularGeometry):
-        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}")
+        raise ValueError(
+            f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}"
+        )
     expected = geometry.output_shape()
-    if not isinstance(projections, Tensor) or projections.ndim != 4 or tuple(projections.shape[1:]) != expected:
-        raise ValueError(f"projections must have shape [B, {', '.join(map(str, expected))}], "
-                         f"got {tuple(getattr(projections, 'shape', ()))}")
+    if (
+        not isinstance(projections, Tensor)
+        or projections.ndim != 4
+        or tuple(projections.shape[1:]) != expected
+    ):
+        raise ValueError(
+            f"projections must have shape [B, {', '.join(map(str, expected))}], "
+            f"got {tuple(getattr(projections, 'shape', ()))}"
+        )
     if not projections.is_floating_point():
         raise ValueError(f"projections must be float, got {projections.dtype}")
     filtered = filter_projections(projections, geometry, window)

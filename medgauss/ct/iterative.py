@@ -24,17 +24,27 @@ _EPS = 1e-8
 
 def _check_inputs(projections: Tensor, geometry: CircularGeometry, initial: Tensor | None) -> None:
     if not isinstance(geometry, CircularGeometry):
-        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}")
+        raise ValueError(
+            f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}"
+        )
     expected = geometry.output_shape()
-    if not isinstance(projections, Tensor) or projections.ndim != 4 or tuple(projections.shape[1:]) != expected:
-        raise ValueError(f"projections must have shape [B, {', '.join(map(str, expected))}], "
-                         f"got {tuple(getattr(projections, 'shape', ()))}")
+    if (
+        not isinstance(projections, Tensor)
+        or projections.ndim != 4
+        or tuple(projections.shape[1:]) != expected
+    ):
+        raise ValueError(
+            f"projections must have shape [B, {', '.join(map(str, expected))}], "
+            f"got {tuple(getattr(projections, 'shape', ()))}"
+        )
     if not projections.is_floating_point():
         raise ValueError(f"projections must be float, got {projections.dtype}")
     if initial is not None:
         want = (projections.shape[0], 1, *geometry.vol_shape)
         if not isinstance(initial, Tensor) or tuple(initial.shape) != want:
-            raise ValueError(f"initial must have shape {list(want)}, got {tuple(getattr(initial, 'shape', ()))}")
+            raise ValueError(
+                f"initial must have shape {list(want)}, got {tuple(getattr(initial, 'shape', ()))}"
+            )
 
 
 class _SartSweeper:
@@ -53,7 +63,9 @@ class _SartSweeper:
         for ids in self.subsets:
             geo = geometry.subset(ids)
             row = forward_project(ones_vol, geo, backend=backend)
-            col = back_project(torch.ones(1, *geo.output_shape(), dtype=dtype, device=device), geo, backend=backend)
+            col = back_project(
+                torch.ones(1, *geo.output_shape(), dtype=dtype, device=device), geo, backend=backend
+            )
             inv_row = torch.where(row > _EPS, 1.0 / row.clamp_min(_EPS), torch.zeros_like(row))
             inv_col = torch.where(col > _EPS, 1.0 / col.clamp_min(_EPS), torch.zeros_like(col))
             self.parts.append((geo, projections[:, ids.to(device)], inv_row, inv_col))
@@ -167,8 +179,12 @@ def asd_pocs(
         ``[B, 1, D, H, W]`` attenuation per mm.
     """
     _check_inputs(projections, geometry, initial)
-    for name, value in (("alpha", alpha), ("alpha_reduction", alpha_reduction), ("max_ratio", max_ratio),
-                        ("relaxation_reduction", relaxation_reduction)):
+    for name, value in (
+        ("alpha", alpha),
+        ("alpha_reduction", alpha_reduction),
+        ("max_ratio", max_ratio),
+        ("relaxation_reduction", relaxation_reduction),
+    ):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be positive, got {value!r}")
     if not 0 < relaxation < 2:

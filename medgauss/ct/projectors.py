@@ -18,8 +18,9 @@ __all__ = ["forward_project", "back_project"]
 
 def _check_geometry(geometry: object) -> CircularGeometry:
     if not isinstance(geometry, CircularGeometry):
-        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got "
-                         f"{type(geometry).__name__}")
+        raise ValueError(
+            f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}"
+        )
     return geometry
 
 
@@ -48,8 +49,10 @@ def forward_project(volume: Tensor, geometry: CircularGeometry, *, backend: str 
     volume = _check_float("volume", volume)
     expected = tuple(geometry.vol_shape)
     if volume.ndim != 5 or volume.shape[1] != 1 or tuple(volume.shape[2:]) != expected:
-        raise ValueError(f"volume must have shape [B, 1, {', '.join(map(str, expected))}] "
-                         f"(geometry.vol_shape), got {tuple(volume.shape)}")
+        raise ValueError(
+            f"volume must have shape [B, 1, {', '.join(map(str, expected))}] "
+            f"(geometry.vol_shape), got {tuple(volume.shape)}"
+        )
     name = resolve_backend("forward_project", backend, volume.device)
     return get_implementation("forward_project", name)(volume.contiguous(), geometry)
 
@@ -73,7 +76,9 @@ def back_project(projections: Tensor, geometry: CircularGeometry, *, backend: st
     projections = _check_float("projections", projections)
     expected = geometry.output_shape()
     if projections.ndim != 4 or tuple(projections.shape[1:]) != expected:
-        raise ValueError(f"projections must have shape [B, {', '.join(map(str, expected))}] "
-                         f"(views, rows, cols of the geometry), got {tuple(projections.shape)}")
+        raise ValueError(
+            f"projections must have shape [B, {', '.join(map(str, expected))}] "
+            f"(views, rows, cols of the geometry), got {tuple(projections.shape)}"
+        )
     name = resolve_backend("back_project", backend, projections.device)
     return get_implementation("back_project", name)(projections.contiguous(), geometry)

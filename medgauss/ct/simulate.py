@@ -49,8 +49,10 @@ class ProjectionNoise:
             raise ValueError(f"electronic_std must be >= 0 counts, got {self.electronic_std!r}")
 
 
-def add_noise(projections: Tensor, noise: ProjectionNoise, *, seed: int | None = 0, scale: float = 1.0) -> Tensor:
-    """Noisy log-domain projections: ``-log(N / I0) / scale`` with ``N ~ Poisson(I0 exp(-scale p)) + N(0, s^2)``.
+def add_noise(
+    projections: Tensor, noise: ProjectionNoise, *, seed: int | None = 0, scale: float = 1.0
+) -> Tensor:
+    """Noisy log-domain projections ``-log(N / I0) / scale``, ``N ~ Poisson(I0 exp(-scale p)) + N(0, s^2)``.
 
     Args:
         projections: ``[...]`` noiseless line integrals ``p`` (float).
@@ -71,8 +73,9 @@ def add_noise(projections: Tensor, noise: ProjectionNoise, *, seed: int | None =
     expected = noise.photons * torch.exp(-scale * projections.double())
     counts = torch.poisson(expected, generator=gen)
     if noise.electronic_std > 0:
-        counts = counts + noise.electronic_std * torch.randn(counts.shape, generator=gen, dtype=counts.dtype,
-                                                             device=counts.device)
+        counts = counts + noise.electronic_std * torch.randn(
+            counts.shape, generator=gen, dtype=counts.dtype, device=counts.device
+        )
     noisy = -torch.log(counts.clamp_min(0.5) / noise.photons) / scale
     return noisy.to(projections.dtype)
 
@@ -100,7 +103,9 @@ def simulate_projections(
         ``[B, V, rows, cols]`` line integrals of ``mu = mu_water (1 + HU/1000)`` (dimensionless).
     """
     if not isinstance(volume_hu, Tensor) or not volume_hu.is_floating_point():
-        raise ValueError(f"volume_hu must be a float tensor in HU, got {getattr(volume_hu, 'dtype', volume_hu)}")
+        raise ValueError(
+            f"volume_hu must be a float tensor in HU, got {getattr(volume_hu, 'dtype', volume_hu)}"
+        )
     proj = forward_project(hu_to_attenuation(volume_hu, mu_water), geometry, backend=backend)
     if noise is None:
         return proj

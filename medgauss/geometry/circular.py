@@ -297,9 +297,11 @@ class CircularGeometry:
 
     def __repr__(self) -> str:
         extra = f"dso={self.dso}, dsd={self.dsd}, " if self.is_cone else ""  # type: ignore[attr-defined]
-        return (f"{type(self).__name__}({extra}det_shape={self.det_shape}, det_spacing={self.det_spacing}, "
-                f"vol_shape={self.vol_shape}, vol_spacing={self.vol_spacing}, num_views={self.num_views}, "
-                f"det_offset={self.det_offset}, vol_offset={self.vol_offset})")
+        return (
+            f"{type(self).__name__}({extra}det_shape={self.det_shape}, det_spacing={self.det_spacing}, "
+            f"vol_shape={self.vol_shape}, vol_spacing={self.vol_spacing}, num_views={self.num_views}, "
+            f"det_offset={self.det_offset}, vol_offset={self.vol_offset})"
+        )
 
 
 @dataclass(eq=False, repr=False)
@@ -349,8 +351,10 @@ class ConeBeamGeometry(CircularGeometry):
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite distance in mm, got {value!r}")
         if self.dsd <= self.dso:
-            raise ValueError(f"dsd (source-detector, {self.dsd} mm) must exceed dso (source-isocentre, "
-                             f"{self.dso} mm): the detector lies beyond the isocentre")
+            raise ValueError(
+                f"dsd (source-detector, {self.dsd} mm) must exceed dso (source-isocentre, "
+                f"{self.dso} mm): the detector lies beyond the isocentre"
+            )
         lo = self.volume_corners().min(dim=0).values
         hi = self.volume_corners().max(dim=0).values
         src = self.source_positions()
@@ -361,7 +365,8 @@ class ConeBeamGeometry(CircularGeometry):
                 f"the source lies inside the volume at view {view} "
                 f"(angle {float(self.angles[view]):.4g} rad, "
                 f"source {src[view].tolist()} mm, volume box {lo.tolist()}..{hi.tolist()} mm): increase dso "
-                "or shrink vol_shape / vol_spacing")
+                "or shrink vol_shape / vol_spacing"
+            )
 
     def _detector_center(self, e_s: Tensor) -> Tensor:
         return -(self.dsd - self.dso) * e_s
@@ -378,8 +383,9 @@ class ConeBeamGeometry(CircularGeometry):
         return src.contiguous(), d / d.norm(dim=-1, keepdim=True)
 
     def _w_row(self, e_s: Tensor) -> Tensor:
-        return torch.cat((-e_s / self.dsd, torch.full((e_s.shape[0], 1), self.dso / self.dsd,
-                                                      dtype=torch.float64)), dim=-1)
+        return torch.cat(
+            (-e_s / self.dsd, torch.full((e_s.shape[0], 1), self.dso / self.dsd, dtype=torch.float64)), dim=-1
+        )
 
     def _fields(self) -> dict[str, Any]:
         return {"dso": self.dso, "dsd": self.dsd, **super()._fields()}

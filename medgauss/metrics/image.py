@@ -35,7 +35,9 @@ def _check_pair(pred: Tensor, target: Tensor, ndim: int, layout: str) -> None:
 def _check_range(data_range: float) -> float:
     r = float(data_range)
     if not (math.isfinite(r) and r > 0):
-        raise ValueError(f"data_range must be a positive finite number (max - min of the data), got {data_range!r}")
+        raise ValueError(
+            f"data_range must be a positive finite number (max - min of the data), got {data_range!r}"
+        )
     return r
 
 
@@ -91,7 +93,13 @@ def _ssim_map_mean(x: Tensor, y: Tensor, data_range: float, window: int, sigma: 
 
 
 def ssim_slices(
-    pred: Tensor, target: Tensor, *, data_range: float, axis: int | str = 0, window: int = 11, sigma: float = 1.5
+    pred: Tensor,
+    target: Tensor,
+    *,
+    data_range: float,
+    axis: int | str = 0,
+    window: int = 11,
+    sigma: float = 1.5,
 ) -> Tensor:
     """SSIM averaged over 2D slices of 3D volumes.
 
@@ -108,8 +116,9 @@ def ssim_slices(
     _check_pair(pred, target, 5, "[B, C, D, H, W]")
     r = _check_range(data_range)
     if axis == "all":
-        return torch.stack([ssim_slices(pred, target, data_range=r, axis=a, window=window, sigma=sigma)
-                            for a in range(3)]).mean(dim=0)
+        return torch.stack(
+            [ssim_slices(pred, target, data_range=r, axis=a, window=window, sigma=sigma) for a in range(3)]
+        ).mean(dim=0)
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1, 2 or 'all', got {axis!r}")
     b = pred.shape[0]
@@ -121,7 +130,9 @@ def ssim_slices(
     return _ssim_map_mean(slices(pred), slices(target), r, window, sigma).view(b, -1).mean(dim=1)
 
 
-def ssim3d(pred: Tensor, target: Tensor, *, data_range: float, window: int = 11, sigma: float = 1.5) -> Tensor:
+def ssim3d(
+    pred: Tensor, target: Tensor, *, data_range: float, window: int = 11, sigma: float = 1.5
+) -> Tensor:
     """SSIM with a separable 3D Gaussian window over ``[B, C, D, H, W]`` volumes -> ``[B]`` float64."""
     _check_pair(pred, target, 5, "[B, C, D, H, W]")
     r = _check_range(data_range)

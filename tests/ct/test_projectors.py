@@ -11,8 +11,14 @@ BACKENDS = ["numba", "torch"]
 
 
 def phantom_geometry(kind: str):
-    common = dict(det_shape=(20, 28), det_spacing=(2.5, 2.5), vol_shape=(48, 50, 52),
-                  vol_spacing=(1.0, 0.9, 1.0), angles=[0.1, 1.3, 2.9], vol_offset=(0.5, 0.0, -0.5))
+    common = dict(
+        det_shape=(20, 28),
+        det_spacing=(2.5, 2.5),
+        vol_shape=(48, 50, 52),
+        vol_spacing=(1.0, 0.9, 1.0),
+        angles=[0.1, 1.3, 2.9],
+        vol_offset=(0.5, 0.0, -0.5),
+    )
     if kind == "cone":
         return ConeBeamGeometry(dso=300.0, dsd=450.0, **common)
     return ParallelBeamGeometry(**common)
@@ -43,8 +49,15 @@ def test_forward_matches_exact_chord_lengths(phantoms, kind, backend):
 
 
 def small_geometry(kind: str):
-    common = dict(det_shape=(7, 9), det_spacing=(1.3, 1.1), vol_shape=(5, 6, 7), vol_spacing=(1.0, 1.2, 0.9),
-                  angles=[0.2, 1.9, 3.3, 5.0], det_offset=(0.4, -0.3), vol_offset=(0.3, -0.6, 0.2))
+    common = dict(
+        det_shape=(7, 9),
+        det_spacing=(1.3, 1.1),
+        vol_shape=(5, 6, 7),
+        vol_spacing=(1.0, 1.2, 0.9),
+        angles=[0.2, 1.9, 3.3, 5.0],
+        det_offset=(0.4, -0.3),
+        vol_offset=(0.3, -0.6, 0.2),
+    )
     if kind == "cone":
         return ConeBeamGeometry(dso=40.0, dsd=70.0, **common)
     return ParallelBeamGeometry(**common)

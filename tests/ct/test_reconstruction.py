@@ -18,8 +18,13 @@ def psnr_db(rec, ref):
 
 
 def make_geometry(kind, views, vol_shape=(40, 48, 48), det_shape=(48, 64)):
-    common = dict(det_shape=det_shape, det_spacing=(1.5, 1.5), vol_shape=vol_shape, vol_spacing=(1.0, 1.0, 1.0),
-                  angles=torch.arange(views) * 2 * math.pi / views)
+    common = dict(
+        det_shape=det_shape,
+        det_spacing=(1.5, 1.5),
+        vol_shape=vol_shape,
+        vol_spacing=(1.0, 1.0, 1.0),
+        angles=torch.arange(views) * 2 * math.pi / views,
+    )
     if kind == "cone":
         return ConeBeamGeometry(dso=200.0, dsd=300.0, **common)
     return ParallelBeamGeometry(**common)
@@ -40,15 +45,26 @@ def test_fdk_from_many_views_reaches_stated_psnr(kind, min_db):
 
 
 def test_iterative_methods_beat_fdk_at_10_views():
-    geo = make_geometry("cone", 10, vol_shape=(24, 40, 40), det_shape=(32, 48))
+    # 1.5 mm voxels so the whole phantom lies inside a small volume (consistent data for SART)
+    geo = ConeBeamGeometry(
+        dso=200.0,
+        dsd=300.0,
+        det_shape=(36, 48),
+        det_spacing=(1.5, 1.5),
+        vol_shape=(24, 32, 32),
+        vol_spacing=(1.5, 1.5, 1.5),
+        angles=torch.arange(10) * 2 * math.pi / 10,
+    )
     vol = voxelise(geo)
     o, d = geo.rays(dtype=torch.float64)
     proj = analytic_projection(o, d)[None].float()
     ref = vol[:, :, 4:-4]
     scores = {
         "fdk": psnr_db(fdk(proj, geo)[:, :, 4:-4], ref),
-        "sart": psnr_db(sart(proj, geo, iterations=6, progress=False)[:, :, 4:-4], ref),
-        "asd_pocs": psnr_db(asd_pocs(proj, geo, iterations=6, tv_iterations=10, progress=False)[:, :, 4:-4], ref),
+        "sart": psnr_db(sart(proj, geo, iterations=5, progress=False)[:, :, 4:-4], ref),
+        "asd_pocs": psnr_db(
+            asd_pocs(proj, geo, iterations=5, tv_iterations=10, progress=False)[:, :, 4:-4], ref
+        ),
     }
     assert scores["sart"] > scores["fdk"] + 3.0, scores
     assert scores["asd_pocs"] > scores["fdk"] + 3.0, scores

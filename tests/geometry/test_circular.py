@@ -7,8 +7,15 @@ import torch
 
 from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry, geometry_from_json
 
-COMMON = dict(det_shape=(6, 8), det_spacing=(1.1, 1.3), vol_shape=(5, 7, 9), vol_spacing=(1.0, 2.0, 1.5),
-              angles=[0.0, 0.7, 2.0, 4.5], det_offset=(0.4, -0.6), vol_offset=(1.0, -2.0, 3.0))
+COMMON = dict(
+    det_shape=(6, 8),
+    det_spacing=(1.1, 1.3),
+    vol_shape=(5, 7, 9),
+    vol_spacing=(1.0, 2.0, 1.5),
+    angles=[0.0, 0.7, 2.0, 4.5],
+    det_offset=(0.4, -0.6),
+    vol_offset=(1.0, -2.0, 3.0),
+)
 
 
 def cone(**kw):
@@ -64,8 +71,12 @@ def test_parallel_rays_follow_the_contract():
     e_s = torch.tensor([math.cos(theta), math.sin(theta), 0.0], dtype=torch.float64)
     torch.testing.assert_close(d[2], (-e_s).expand(6, 8, 3))
     u = torch.tensor([-math.sin(theta), math.cos(theta), 0.0], dtype=torch.float64)
-    pix = (7 - 3.5) * 1.3 * u + (0 - 2.5) * 1.1 * torch.tensor([0, 0, -1.0], dtype=torch.float64) \
-        + (-0.6) * u + torch.tensor([0, 0, -0.4], dtype=torch.float64)
+    pix = (
+        (7 - 3.5) * 1.3 * u
+        + (0 - 2.5) * 1.1 * torch.tensor([0, 0, -1.0], dtype=torch.float64)
+        + (-0.6) * u
+        + torch.tensor([0, 0, -0.4], dtype=torch.float64)
+    )
     torch.testing.assert_close(o[2, 0, 7], pix)
     assert geo.projection_matrices()[:, 2].tolist() == [[0.0, 0.0, 0.0, 1.0]] * 4
 
@@ -87,8 +98,10 @@ def test_volume_affine_matches_the_contract():
     x = (w - 4) * 1.5 + 3.0
     y = (h - 3) * 2.0 - 2.0
     z = (d - 2) * 1.0 + 1.0
-    torch.testing.assert_close(A @ torch.tensor([d, h, w, 1.0], dtype=torch.float64),
-                               torch.tensor([x, y, z, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        A @ torch.tensor([d, h, w, 1.0], dtype=torch.float64),
+        torch.tensor([x, y, z, 1.0], dtype=torch.float64),
+    )
 
 
 def test_plucker_is_direction_and_moment():
