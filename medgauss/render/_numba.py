@@ -11,6 +11,9 @@ gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussi
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
@@ -38,6 +41,8 @@ _MAX_GRID_ENTRIES = 1 << 23
 # Points per voxel from which voxel-centre points are rendered densely and gathered (measured:
 # the dense kernels cost ~1/8 of the point kernels per (Gaussian, voxel) pair).
 GATHER_MIN_FRACTION = 0.125
+# Index ranges per worker thread handed to the pool (load balancing).
+_TASKS_PER_THREAD = 4
 # Largest total size (float64 numbers) of the private gradient buffers of the point backward pass.
 _MAX_BUFFER_NUMBERS = 1 << 23
 
@@ -92,14 +97,16 @@ class _NumbaSplat(torch.autograd.Function):
         voxel_index = None if points is None else _voxel_centre_index(points, shape)
         if points is None or voxel_index is not None:
             slabs = _slab_ranges(prep, c2, shape[0])
-            out = kernels.dense_forward(prep.params, *slabs, b, *shape, c2)
+            out = np.zeros(b * math.prod(shape))
+            _run_ranges(kernels.dense_forward, b * shape[0], prep.params, *slabs, b, *shape, c2, out)
             ctx.route, ctx.state = ("dense", slabs) if points is None else ("gather", (slabs, voxel_index))
             result = torch.from_numpy(out).reshape(b, 1, *shape) if points is None else \
                 torch.from_numpy(out[voxel_index]).reshape(b, -1)
         else:
             binned = _bin_points(prep, points, c2)
-            sorted_out = kernels.points_forward(prep.params, binned.coords, binned.cell_start, binned.offsets,
-                                                binned.entries, c2)
+            sorted_out = np.zeros(binned.coords.shape[0])
+            _run_ranges(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
+                        binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
             out = np.empty_like(sorted_out)
             out[binned.order] = sorted_out
             ctx.route, ctx.state = "points", binned
@@ -114,14 +121,14 @@ class _NumbaSplat(torch.autograd.Function):
         grad = grad_out.detach().to(torch.float64).contiguous().reshape(-1).numpy()
         if ctx.route == "points":
             binned: _BinnedPoints = ctx.state
-            sums = kernels.points_backward(prep.params, binned.coords, binned.cell_start, binned.offsets,
-                                           binned.entries, ctx.c2, np.ascontiguousarray(grad[binned.order]),
-                                           _num_chunks(binned.cell_start.shape[0] - 1, prep.params.shape[0]))
+            sums = _points_backward(prep, binned, ctx.c2, np.ascontiguousarray(grad[binned.order]))
         else:
             slabs = ctx.state if ctx.route == "dense" else ctx.state[0]
             if ctx.route == "gather":  # scatter-add (repeated points add up) into a volume
                 grad = np.bincount(ctx.state[1], weights=grad, minlength=prep.batch * math.prod(ctx.shape))
-            sums = kernels.dense_backward(prep.params, *slabs, grad, prep.batch, *ctx.shape, ctx.c2)
+            sums = np.zeros((prep.params.shape[0], kernels.NUM_SUMS))
+            _run_ranges(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
+                        *ctx.shape, ctx.c2, sums)
         grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
         b = prep.batch
 
@@ -265,11 +272,59 @@ def _bin_points(prep: _Prepared, points: Tensor, c2: float) -> _BinnedPoints:
     return _BinnedPoints(coords=coords, order=order, cell_start=cell_start, offsets=offsets, entries=entries)
 
 
-def _num_chunks(num_cells: int, num_gaussians: int) -> int:
-    """Chunks of cells of the point backward pass: a few per thread, within the buffer memory cap."""
-    wanted = 4 * numba.get_num_threads()
-    cap = _MAX_BUFFER_NUMBERS // max(1, num_gaussians * kernels.NUM_SUMS)
-    return int(max(1, min(wanted, cap, num_cells)))
+def _num_threads() -> int:
+    """Worker threads of the kernels: numba's thread count (``NUMBA_NUM_THREADS``, default all cores)."""
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=_num_threads(), thread_name_prefix="medgauss-numba")
+        return _POOL
+
+
+def _task_bounds(total: int, max_tasks: int) -> list[tuple[int, int]]:
+    """Split ``range(total)`` into at most ``max_tasks`` contiguous non-empty ranges."""
+    tasks = max(1, min(total, max_tasks))
+    edges = [total * t // tasks for t in range(tasks + 1)]
+    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+
+
+def _run_ranges(kernel: Callable[..., None], total: int, *args: object) -> None:
+    """Run ``kernel(*args, first, last)`` over disjoint ranges covering ``range(total)`` concurrently.
+
+    A few ranges per thread, handed out by a thread pool as threads become free (the kernels
+    release the GIL), balance uneven work.
+    """
+    bounds = _task_bounds(total, _TASKS_PER_THREAD * _num_threads())
+    if len(bounds) <= 1 or _num_threads() == 1:
+        for first, last in bounds:
+            kernel(*args, first, last)
+        return
+    for future in [_pool().submit(kernel, *args, first, last) for first, last in bounds]:
+        future.result()
+
+
+def _points_backward(prep: _Prepared, binned: _BinnedPoints, c2: float,
+                     grad_sorted: np.ndarray) -> np.ndarray:
+    """Gradient sums ``[B*N, NUM_SUMS]`` of the point route: private buffers per range of cells, summed."""
+    num_cells = binned.cell_start.shape[0] - 1
+    per_buffer = prep.params.shape[0] * kernels.NUM_SUMS
+    max_tasks = min(_TASKS_PER_THREAD * _num_threads(), max(1, _MAX_BUFFER_NUMBERS // per_buffer))
+    bounds = _task_bounds(num_cells, max_tasks)
+    buffers = np.zeros((len(bounds), prep.params.shape[0], kernels.NUM_SUMS))
+    args = (prep.params, binned.coords, binned.cell_start, binned.offsets, binned.entries, c2, grad_sorted)
+    futures = [_pool().submit(kernels.points_backward, *args, buffers[t], first, last)
+               for t, (first, last) in enumerate(bounds)]
+    for future in futures:
+        future.result()
+    return buffers.sum(axis=0)
 
 
 def _gradients_from_sums(sums: np.ndarray, prep: _Prepared) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

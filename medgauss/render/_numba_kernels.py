@@ -14,14 +14,17 @@ A term counts when ``q < c2``. Every kernel evaluates ``q`` with the same sequen
 point operations, so the dense and the point kernels, forward and backward, agree on which
 (Gaussian, voxel) pairs are inside, and a pair skipped by culling is always one with ``q >= c2``.
 
-Dense forward: parallel over ``(b, d)`` slabs; per Gaussian touching the slab and per row ``h``
-the inside voxels form a contiguous chord along W, found from the quadratic ``q(w)`` and then
-checked at its ends. Along the chord ``exp(-q/2)`` is advanced by multiplications from the row's
-peak outwards (``e[w+1] = e[w] * rho[w]``, ``rho[w+1] = rho[w] * exp(-A)``), three ``exp`` per row.
+Kernels are plain ``nogil`` functions over an index range; the adapter runs disjoint ranges on
+a thread pool (no ``parallel=True``: its compilation costs tens of seconds, and the pool balances
+load dynamically). Dense forward: parallel over ``(b, d)`` slabs; per Gaussian touching the slab
+and per row ``h`` the inside voxels form a contiguous chord along W, found from the quadratic
+``q(w)`` and then checked at its ends. Along the chord ``exp(-q/2)`` is advanced by
+multiplications from the row's peak outwards (``e[w+1] = e[w] * rho[w]``,
+``rho[w+1] = rho[w] * exp(-A)``), three ``exp`` per row.
 Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
 gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR) and
 points are sorted by cell; the forward pass is parallel over cells (each runs its Gaussian list
-against its own points), the backward over chunks of cells with private gradient buffers.
+against its own points), the backward over ranges of cells with private gradient buffers.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # Columns of ``params``.
 M0, M1, M2, SCHUR_D, SCHUR_H, SLOPE1, PREC_W, SLOPE20, SLOPE21, DECAY, INTENSITY = range(11)
@@ -41,7 +44,7 @@ NUM_SUMS = 10
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _padded_range(center: float, half: float, n: int) -> tuple[int, int]:
     """Indices ``[lo, hi]`` in ``[0, n)`` covering ``(center - half, center + half)`` plus one each side."""
     lo = math.ceil(max(center - half, -2.0)) - 1
@@ -49,13 +52,13 @@ def _padded_range(center: float, half: float, n: int) -> tuple[int, int]:
     return max(lo, 0), min(hi, n - 1)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _row_q(w: int, m2: float, offset: float, a: float, q_row: float) -> float:
     dw = (w - m2) - offset
     return a * (dw * dw) + q_row
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _chord(m2: float, offset: float, a: float, q_row: float, c2: float, n: int) -> tuple[int, int]:
     """Voxels ``[lo, hi]`` of a row (``0 <= w < n``) with ``q(w) < c2``; empty when ``lo > hi``.
 
@@ -77,13 +80,13 @@ def _chord(m2: float, offset: float, a: float, q_row: float, c2: float, n: int) 
     return lo, hi
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _peak(m2: float, offset: float, lo: int, hi: int) -> int:
     """The chord voxel nearest the row's minimum of ``q``; walking outwards from it ``q`` only grows."""
     return min(max(math.floor(m2 + offset + 0.5), lo), hi)
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float) -> tuple[float, float, float, float]:
     """``(q, r0, r1, r2)`` of Gaussian row ``p`` at voxel coordinate ``u``, in the kernels' common form."""
     r0 = u0 - p[M0]
@@ -100,7 +103,7 @@ def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float) -> tuple[float,
 # ---------------------------------------------------------------------------------------- dense
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
              decay: float, q_row: float, intensity: float) -> None:
     """``out[base + w] += I exp(-q(w)/2)`` for ``lo <= w <= hi``, two multiplicative chains from ``peak``."""
@@ -129,16 +132,17 @@ def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: flo
         out[base + peak - k] += e_left
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
-                  height: int, width: int, c2: float) -> np.ndarray:
-    """Dense splat: ``params [B*N, NUM_PARAMS]``, slab ranges ``d_lo, d_hi [B*N]`` -> ``[B*D*H*W]``.
+                  height: int, width: int, c2: float, out: np.ndarray, first: int, last: int) -> None:
+    """Dense splat of the slabs ``first <= b * D + d < last`` into ``out [B*D*H*W]`` (accumulated).
 
-    ``d_lo/d_hi`` only cull (they may be wider than the Gaussian); ``q < c2`` decides every pair.
+    ``params [B*N, NUM_PARAMS]``; ``d_lo, d_hi [B*N]`` are slab ranges that only cull (they may be
+    wider than the Gaussian): ``q < c2`` decides every pair. Calls with disjoint slab ranges write
+    disjoint parts of ``out`` and may run concurrently (the GIL is released).
     """
     n = params.shape[0] // batch
-    out = np.zeros(batch * depth * height * width)
-    for slab in prange(batch * depth):
+    for slab in range(first, last):
         b = slab // depth
         d = slab - b * depth
         for i in range(n):
@@ -167,10 +171,9 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
                 delta = (peak - p[M2]) - offset
                 _add_row(out, (slab * height + h) * width, lo, hi, peak, delta, a, p[DECAY], q_row,
                          p[INTENSITY])
-    return out
 
 
-@njit(inline="always", **_JIT)
+@njit(**_JIT)
 def _row_sums(grad: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
               decay: float, q_row: float, rho_peak: float) -> tuple[float, float, float]:
     """``(sum g e, sum g e r2, sum g e r2^2)`` over a chord, ``r2 = w - mean_W``, ``e = exp(-q/2)``."""
@@ -222,19 +225,22 @@ def _row_sums(grad: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: f
     return s0 + t0, s1 + t1, s2 + t2
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad: np.ndarray, batch: int,
-                   depth: int, height: int, width: int, c2: float) -> np.ndarray:
-    """Gradient sums ``[B*N, NUM_SUMS]`` of the dense splat for the upstream gradient ``grad [B*D*H*W]``."""
-    num = params.shape[0]
-    n = num // batch
-    sums = np.zeros((num, NUM_SUMS))
-    for g in prange(num):
+                   depth: int, height: int, width: int, c2: float, sums: np.ndarray, first: int,
+                   last: int) -> None:
+    """Gradient sums ``sums[g]`` of the Gaussians ``first <= g < last`` for the upstream ``grad [B*D*H*W]``.
+
+    Each Gaussian reads the gradient along the chords of its own ellipsoid; calls with disjoint
+    ranges write disjoint rows of ``sums`` and may run concurrently.
+    """
+    n = params.shape[0] // batch
+    for g in range(first, last):
         b = g // n
         p = params[g]
         s11 = p[SCHUR_H]
         a = p[PREC_W]
-        acc = np.zeros(NUM_SUMS)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = 0.0
         for d in range(d_lo[g], d_hi[g] + 1):
             r0 = d - p[M0]
             q0 = p[SCHUR_D] * (r0 * r0)
@@ -255,21 +261,39 @@ def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad:
                 delta = (peak - p[M2]) - offset
                 t0, t1, t2 = _row_sums(grad, ((b * depth + d) * height + h) * width, lo, hi, peak, delta,
                                        a, p[DECAY], q_row, peak - p[M2])
-                acc[0] += t0
-                acc[1] += r0 * t0
-                acc[2] += r1 * t0
-                acc[3] += t1
-                acc[4] += r0 * r0 * t0
-                acc[5] += r1 * r1 * t0
-                acc[6] += t2
-                acc[7] += r0 * r1 * t0
-                acc[8] += r0 * t1
-                acc[9] += r1 * t1
-        sums[g, :] = acc
-    return sums
+                a0 += t0
+                a1 += r0 * t0
+                a2 += r1 * t0
+                a3 += t1
+                a4 += r0 * r0 * t0
+                a5 += r1 * r1 * t0
+                a6 += t2
+                a7 += r0 * r1 * t0
+                a8 += r0 * t1
+                a9 += r1 * t1
+        sums[g, 0] = a0
+        sums[g, 1] = a1
+        sums[g, 2] = a2
+        sums[g, 3] = a3
+        sums[g, 4] = a4
+        sums[g, 5] = a5
+        sums[g, 6] = a6
+        sums[g, 7] = a7
+        sums[g, 8] = a8
+        sums[g, 9] = a9
 
 
 # ---------------------------------------------------------------------------------------- points
+
+
+@njit(**_JIT)
+def _prefix_sum(counts: np.ndarray) -> np.ndarray:
+    out = np.empty_like(counts)
+    total = 0
+    for i in range(counts.shape[0]):
+        total += counts[i]
+        out[i] = total
+    return out
 
 
 @njit(**_JIT)
@@ -293,7 +317,7 @@ def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: in
             for j in range(cell_lo[g, 1], cell_hi[g, 1] + 1):
                 for k in range(cell_lo[g, 2], cell_hi[g, 2] + 1):
                     counts[first + (i * grid + j) * grid + k + 1] += 1
-    offsets = np.cumsum(counts)
+    offsets = _prefix_sum(counts)
     cursor = offsets[:-1].copy()
     entries = np.empty(offsets[-1], dtype=np.int64)
     for g in range(num):
@@ -332,7 +356,7 @@ def bin_points(x: np.ndarray, sizes: np.ndarray, grid: int, per_sample: int
             c += k * (grid * grid if a == 0 else (grid if a == 1 else 1))
         point_cell[i] = c
         counts[c + 1] += 1
-    cell_start = np.cumsum(counts)
+    cell_start = _prefix_sum(counts)
     cursor = cell_start[:-1].copy()
     order = np.empty(num_points, dtype=np.int64)
     coords = np.empty((num_points, 3))
@@ -346,15 +370,15 @@ def bin_points(x: np.ndarray, sizes: np.ndarray, grid: int, per_sample: int
     return cell_start, order, coords
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
-                   entries: np.ndarray, c2: float) -> np.ndarray:
-    """Splat at points sorted by cell: voxel coordinates ``coords [P, 3]`` -> values ``[P]``.
+                   entries: np.ndarray, c2: float, out: np.ndarray, cell_first: int, cell_last: int) -> None:
+    """Splat at the points of cells ``cell_first <= c < cell_last`` into ``out [P]`` (sorted order).
 
-    Parallel over cells; each cell runs its Gaussian list against its own points (``cell_start``).
+    ``coords [P, 3]`` are voxel coordinates sorted by cell; each cell runs its Gaussian list
+    against its own points. Calls with disjoint cell ranges may run concurrently.
     """
-    out = np.zeros(coords.shape[0])
-    for cell in prange(cell_start.shape[0] - 1):
+    for cell in range(cell_first, cell_last):
         first = cell_start[cell]
         last = cell_start[cell + 1]
         if first == last:
@@ -366,53 +390,47 @@ def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarra
                 q = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])[0]
                 if q < c2:
                     out[i] += intensity * math.exp(-0.5 * q)
-    return out
 
 
-@njit(parallel=True, **_JIT)
+@njit(**_JIT)
 def points_backward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
-                    entries: np.ndarray, c2: float, grad: np.ndarray, num_chunks: int) -> np.ndarray:
-    """Gradient sums ``[B*N, NUM_SUMS]`` for the upstream gradient ``grad [P]`` at points sorted by cell.
+                    entries: np.ndarray, c2: float, grad: np.ndarray, buf: np.ndarray, cell_first: int,
+                    cell_last: int) -> None:
+    """Add the gradient sums of cells ``cell_first <= c < cell_last`` into ``buf [B*N, NUM_SUMS]``.
 
-    Parallel over ``num_chunks`` contiguous ranges of cells, each with a private ``[B*N, NUM_SUMS]``
-    buffer (no write races); the buffers are summed at the end.
+    ``grad [P]`` is the upstream gradient in sorted point order. Concurrent calls need separate
+    ``buf`` (summed afterwards): a Gaussian is listed in many cells.
     """
-    num_cells = cell_start.shape[0] - 1
-    per_chunk = (num_cells + num_chunks - 1) // num_chunks
-    buffers = np.zeros((num_chunks, params.shape[0], NUM_SUMS))
-    for c in prange(num_chunks):
-        buf = buffers[c]
-        for cell in range(c * per_chunk, min((c + 1) * per_chunk, num_cells)):
-            first = cell_start[cell]
-            last = cell_start[cell + 1]
-            if first == last:
-                continue
-            for k in range(offsets[cell], offsets[cell + 1]):
-                g = entries[k]
-                p = params[g]
-                s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
-                for i in range(first, last):
-                    q, r0, r1, r2 = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])
-                    if q < c2:
-                        ge = grad[i] * math.exp(-0.5 * q)
-                        s0 += ge
-                        s1 += ge * r0
-                        s2 += ge * r1
-                        s3 += ge * r2
-                        s4 += ge * r0 * r0
-                        s5 += ge * r1 * r1
-                        s6 += ge * r2 * r2
-                        s7 += ge * r0 * r1
-                        s8 += ge * r0 * r2
-                        s9 += ge * r1 * r2
-                buf[g, 0] += s0
-                buf[g, 1] += s1
-                buf[g, 2] += s2
-                buf[g, 3] += s3
-                buf[g, 4] += s4
-                buf[g, 5] += s5
-                buf[g, 6] += s6
-                buf[g, 7] += s7
-                buf[g, 8] += s8
-                buf[g, 9] += s9
-    return buffers.sum(axis=0)
+    for cell in range(cell_first, cell_last):
+        first = cell_start[cell]
+        last = cell_start[cell + 1]
+        if first == last:
+            continue
+        for k in range(offsets[cell], offsets[cell + 1]):
+            g = entries[k]
+            p = params[g]
+            s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
+            for i in range(first, last):
+                q, r0, r1, r2 = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])
+                if q < c2:
+                    ge = grad[i] * math.exp(-0.5 * q)
+                    s0 += ge
+                    s1 += ge * r0
+                    s2 += ge * r1
+                    s3 += ge * r2
+                    s4 += ge * r0 * r0
+                    s5 += ge * r1 * r1
+                    s6 += ge * r2 * r2
+                    s7 += ge * r0 * r1
+                    s8 += ge * r0 * r2
+                    s9 += ge * r1 * r2
+            buf[g, 0] += s0
+            buf[g, 1] += s1
+            buf[g, 2] += s2
+            buf[g, 3] += s3
+            buf[g, 4] += s4
+            buf[g, 5] += s5
+            buf[g, 6] += s6
+            buf[g, 7] += s7
+            buf[g, 8] += s8
+            buf[g, 9] += s9
