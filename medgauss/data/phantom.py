@@ -21,26 +21,25 @@ import numpy as np
 
 __all__ = ["PHANTOM_LABELS", "PHANTOM_HU", "make_ct_phantom", "write_phantom_dataset"]
 
+# Label values of the structures; like public CT label maps, generic body tissue (muscle, fat) and air
+# outside the body are unlabelled (0), so crops can be centred on structures vs. plain body tissue.
 PHANTOM_LABELS: dict[str, int] = {
-    "background": 0,
-    "muscle": 1,
-    "subcutaneous_fat": 2,
-    "lung_left": 3,
-    "lung_right": 4,
-    "heart": 5,
-    "aorta": 6,
-    "liver": 7,
-    "spleen": 8,
-    "kidney_left": 9,
-    "kidney_right": 10,
-    "vertebra": 11,
-    "intervertebral_disc": 12,
-    "spinal_canal": 13,
-    "rib": 14,
-    "trachea": 15,
+    "lung_left": 1,
+    "lung_right": 2,
+    "heart": 3,
+    "aorta": 4,
+    "liver": 5,
+    "spleen": 6,
+    "kidney_left": 7,
+    "kidney_right": 8,
+    "vertebra": 9,
+    "intervertebral_disc": 10,
+    "spinal_canal": 11,
+    "rib": 12,
+    "trachea": 13,
 }
 
-# Typical (non-contrast, except the aorta: arterial phase) attenuation in Hounsfield units.
+# Typical (non-contrast, except the aorta: arterial phase) attenuation in Hounsfield units of every tissue.
 PHANTOM_HU: dict[str, float] = {
     "background": -1000.0,
     "muscle": 45.0,
@@ -83,8 +82,8 @@ def make_ct_phantom(
 
     Returns:
         ``(hu, labels, affine)``: ``hu`` int16 ``[X, Y, Z]`` in [-1024, 3071]; ``labels`` uint8
-        ``[X, Y, Z]`` with values of :data:`PHANTOM_LABELS`; ``affine`` ``[4, 4]`` float64 (voxel -> mm,
-        RAS, volume centred on the origin).
+        ``[X, Y, Z]`` with values of :data:`PHANTOM_LABELS` (0: unlabelled); ``affine`` ``[4, 4]``
+        float64 (voxel -> mm, RAS, volume centred on the origin).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
@@ -99,11 +98,12 @@ def make_ct_phantom(
     axes = [(np.arange(n) + 0.5) * s - e / 2 for n, s, e in zip(shape, spacing, extent)]
     x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
     grid = (x, y, z)
-    labels = np.zeros(shape, dtype=np.uint8)
+    tissue_names = list(PHANTOM_HU)
+    tissue = np.zeros(shape, dtype=np.uint8)  # index into tissue_names
     cortical = np.zeros(shape, dtype=bool)
 
     def paint(name: str, mask: np.ndarray) -> None:
-        labels[np.broadcast_to(mask, shape)] = PHANTOM_LABELS[name]
+        tissue[np.broadcast_to(mask, shape)] = tissue_names.index(name)
 
     jitter = lambda scale: 1.0 + rng.uniform(-scale, scale)
     zlen = extent[2]
@@ -171,10 +171,9 @@ def make_ct_phantom(
     )
     paint("rib", in_rib & ~front_gap & body)
 
-    hu = np.full(shape, PHANTOM_HU["background"], dtype=np.float32)
-    for name, value in PHANTOM_LABELS.items():
-        hu[labels == value] = PHANTOM_HU[name]
-    hu[cortical] = CORTICAL_HU
+    hu = np.asarray([PHANTOM_HU[n] for n in tissue_names], dtype=np.float32)[tissue]
+    labels = np.asarray([PHANTOM_LABELS.get(n, 0) for n in tissue_names], dtype=np.uint8)[tissue]
+    hu[cortical & (tissue == tissue_names.index("vertebra"))] = CORTICAL_HU  # unless painted over later
     # Lung vessels: sparse bright specks smoothed by the noise, so lungs are not flat.
     lungs = (labels == PHANTOM_LABELS["lung_left"]) | (labels == PHANTOM_LABELS["lung_right"])
     hu[lungs & (rng.random(shape) < 0.02)] = -300.0
