@@ -44,6 +44,8 @@ def run_worker(cfg: dict) -> dict:
     from medgauss.nets import GaussianMAE, create_model
 
     torch.manual_seed(0)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg["threads"])
     device = cfg["device"]
     name = f"{cfg['kind']}_{cfg['size']}"
     model = create_model(name, img_size=cfg["img_size"]).to(device).train()
@@ -97,7 +99,10 @@ def run_worker(cfg: dict) -> dict:
 
 def run_config(cfg: dict, timeout: float) -> dict:
     cmd = [sys.executable, __file__, "--worker", json.dumps(cfg)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = dict(os.environ)
+    if cfg.get("threads"):  # numba reads its thread count at import time
+        env["NUMBA_NUM_THREADS"] = env["OMP_NUM_THREADS"] = str(cfg["threads"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     if proc.returncode != 0:
         error = proc.stderr.strip().splitlines()[-1:]
         return {**cfg, "model": f"{cfg['kind']}_{cfg['size']}", "error": error}
@@ -131,6 +136,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT compilation)")
     parser.add_argument("--backend", default="auto", help="splat backend for the Gaussian losses")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch / numba CPU threads (0: library default)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per configuration")
     parser.add_argument("--quick", action="store_true", help="tiny only, 3 timed steps")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "pretrain_step.json")
@@ -151,7 +158,8 @@ def main() -> None:
             rows = []
             for kind in args.kinds:
                 cfg = dict(kind=kind, size=size, device=device, batch_size=args.batch_size,
-                           img_size=args.img_size, steps=steps, warmup=args.warmup, backend=args.backend)
+                           img_size=args.img_size, steps=steps, warmup=args.warmup, backend=args.backend,
+                           threads=args.threads)
                 rows.append(run_config(cfg, args.timeout))
                 print(f"  done {device} {size} {kind}", file=sys.stderr, flush=True)
             vmae = next((r for r in rows if r["kind"] == "vmae" and "error" not in r), None)
@@ -161,7 +169,8 @@ def main() -> None:
             results.extend(rows)
     print(f"\npretrain step (forward+loss+backward+AdamW), batch {args.batch_size}, {args.img_size}^3, "
           f"median of {steps} steps, times in ms; splat backend {args.backend!r}; "
-          f"{os.cpu_count()} CPU cores")
+          f"{os.cpu_count()} CPU cores, threads {args.threads or 'default'}, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print_table(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "argv": sys.argv[1:]}
