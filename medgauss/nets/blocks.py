@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
+
+from medgauss.nets.patches import patchify
 
 __all__ = ["to_3tuple", "grid_size_for", "PatchEmbed3D", "sincos_pos_embed_3d", "transformer_blocks"]
 
@@ -45,14 +48,21 @@ class PatchEmbed3D(nn.Module):
 
     Patches are numbered in C order over the patch grid ``(gd, gh, gw)``:
     ``index = (i * gh + j) * gw + k`` for the patch starting at voxel ``(i*pd, j*ph, k*pw)``.
+
+    The parameters are those of a ``Conv3d(kernel_size=stride=patch_size)`` (``self.proj``, MONAI's
+    layout), but the forward pass runs as patchify + one matrix product, which computes the same
+    thing about twice as fast as CPU Conv3d kernels (forward + backward).
     """
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: tuple[int, int, int]) -> None:
         super().__init__()
+        self.patch_size = patch_size
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        """``x [B, C, D, H, W] -> [B, L, hidden_size]``."""
+        weight = self.proj.weight.permute(0, 2, 3, 4, 1).flatten(1)  # (pd, ph, pw, c) = patchify order
+        return F.linear(patchify(x, self.patch_size), weight, self.proj.bias)
 
 
 def _sincos_1d(positions: Tensor, dim: int, temperature: float) -> Tensor:

@@ -98,3 +98,13 @@ def test_voxel_indices_need_equal_counts():
     mask = torch.tensor([[True, False], [True, True]])
     with pytest.raises(ValueError, match="same number"):
         masked_voxel_indices(mask, (1, 1, 2), (1, 1, 1))
+
+
+def test_patch_embedding_equals_conv3d():
+    from medgauss.nets.blocks import PatchEmbed3D
+
+    torch.manual_seed(2)
+    embed = PatchEmbed3D(2, 7, (2, 3, 4)).double()
+    x = torch.randn(2, 2, 4, 6, 8, dtype=torch.float64)
+    expected = torch.nn.functional.conv3d(x, embed.proj.weight, embed.proj.bias, stride=(2, 3, 4))
+    torch.testing.assert_close(embed(x), expected.flatten(2).transpose(1, 2))
