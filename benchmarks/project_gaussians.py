@@ -8,7 +8,7 @@ numba); ratios are to the dense torch reference where it ran. The reference eval
 Triton runs only on CUDA (its CPU interpreter is for tests, not timing).
 
     python benchmarks/project_gaussians.py            # 4k / 32k / 128k Gaussians, 256^2
-    python benchmarks/project_gaussians.py --quick    # 1k / 4k Gaussians, 128^2
+    python benchmarks/project_gaussians.py --quick    # 512 / 2k Gaussians, 64^2
 
 Prints a table and writes ``benchmarks/results/project_gaussians.json``.
 """
@@ -91,13 +91,13 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
     """Time every backend; one row per (N, backend, mode) with ``seconds`` and ``ratio_to_torch``.
 
     Args:
-        quick: small sizes (1k / 4k Gaussians, 128^2 detector, 1 repeat).
+        quick: small sizes (512 / 2k Gaussians, 64^2 detector, 1 repeat).
         sizes, det, repeats, torch_max_n, backends: override the defaults of the chosen mode.
     """
-    sizes = sizes or ([1024, 4096] if quick else [4096, 32768, 131072])
-    det = det or (128 if quick else 256)
+    sizes = sizes or ([512, 2048] if quick else [4096, 32768, 131072])
+    det = det or (64 if quick else 256)
     repeats = repeats or (1 if quick else 3)
-    torch_max_n = torch_max_n if torch_max_n is not None else (4096 if quick else 4096)
+    torch_max_n = torch_max_n if torch_max_n is not None else 4096
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = backends or ["torch", "numba", "triton"]
     usable = set(available_backends("project", device))
@@ -123,6 +123,7 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
                 if row["seconds"] is not None and ref is not None:
                     row["ratio_to_torch"] = ref / row["seconds"]
                 rows.append(row)
+                print(f"  measured N={n} {name} {mode}: {row['seconds']}", file=sys.stderr, flush=True)
     return rows
 
 

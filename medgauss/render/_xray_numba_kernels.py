@@ -25,22 +25,22 @@ _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
 @numba.njit(cache=True, inline="always")
-def _pair_terms(o, d, mu, p):
+def _pair_terms(ox, oy, oz, dx, dy, dz, mx, my, mz, p0, p1, p2, p3, p4, p5):
     """Perpendicular offset ``r``, ``P d``, ``P r`` and ``a, b, c`` for one (ray, Gaussian) pair."""
-    rx = o[0] - mu[0]
-    ry = o[1] - mu[1]
-    rz = o[2] - mu[2]
-    t = rx * d[0] + ry * d[1] + rz * d[2]
-    rx -= t * d[0]
-    ry -= t * d[1]
-    rz -= t * d[2]
-    pdx = p[0] * d[0] + p[3] * d[1] + p[4] * d[2]
-    pdy = p[3] * d[0] + p[1] * d[1] + p[5] * d[2]
-    pdz = p[4] * d[0] + p[5] * d[1] + p[2] * d[2]
-    prx = p[0] * rx + p[3] * ry + p[4] * rz
-    pry = p[3] * rx + p[1] * ry + p[5] * rz
-    prz = p[4] * rx + p[5] * ry + p[2] * rz
-    a = d[0] * pdx + d[1] * pdy + d[2] * pdz
+    rx = ox - mx
+    ry = oy - my
+    rz = oz - mz
+    t = rx * dx + ry * dy + rz * dz
+    rx -= t * dx
+    ry -= t * dy
+    rz -= t * dz
+    pdx = p0 * dx + p3 * dy + p4 * dz
+    pdy = p3 * dx + p1 * dy + p5 * dz
+    pdz = p4 * dx + p5 * dy + p2 * dz
+    prx = p0 * rx + p3 * ry + p4 * rz
+    pry = p3 * rx + p1 * ry + p5 * rz
+    prz = p4 * rx + p5 * ry + p2 * rz
+    a = dx * pdx + dy * pdy + dz * pdz
     b = rx * pdx + ry * pdy + rz * pdz
     c = rx * prx + ry * pry + rz * prz
     return rx, ry, rz, pdx, pdy, pdz, prx, pry, prz, a, b, c
@@ -106,16 +106,19 @@ def forward(origins, directions, means, prec, intens, pixel_box, offsets, ids, t
             r_hi = min(row1, pixel_box[bi, vi, g, 1])
             c_lo = max(col0, pixel_box[bi, vi, g, 2])
             c_hi = min(col1, pixel_box[bi, vi, g, 3])
-            mu = means[bi, g]
-            p = prec[bi, g]
-            peak = intens[bi, g]
+            mx, my, mz = means[bi, g, 0], means[bi, g, 1], means[bi, g, 2]
+            p0, p1, p2 = prec[bi, g, 0], prec[bi, g, 1], prec[bi, g, 2]
+            p3, p4, p5 = prec[bi, g, 3], prec[bi, g, 4], prec[bi, g, 5]
+            peak = intens[bi, g] * _SQRT_2PI
             for r in range(r_lo, r_hi + 1):
                 for c in range(c_lo, c_hi + 1):
-                    terms = _pair_terms(origins[vi, r, c], directions[vi, r, c], mu, p)
+                    terms = _pair_terms(origins[vi, r, c, 0], origins[vi, r, c, 1], origins[vi, r, c, 2],
+                                        directions[vi, r, c, 0], directions[vi, r, c, 1],
+                                        directions[vi, r, c, 2], mx, my, mz, p0, p1, p2, p3, p4, p5)
                     a, b, cc = terms[9], terms[10], terms[11]
                     m = cc - b * b / a
                     if m < cutoff_sq:
-                        out[bi, vi, r, c] += peak * _SQRT_2PI / math.sqrt(a) * math.exp(-0.5 * m)
+                        out[bi, vi, r, c] += peak / math.sqrt(a) * math.exp(-0.5 * m)
 
 
 @numba.njit(parallel=True, cache=True)
@@ -134,8 +137,9 @@ def backward(origins, directions, means, prec, intens, pixel_box, cutoff_sq, gra
     for job in numba.prange(n_b * n_g):
         bi = job // n_g
         g = job - bi * n_g
-        mu = means[bi, g]
-        p = prec[bi, g]
+        mx, my, mz = means[bi, g, 0], means[bi, g, 1], means[bi, g, 2]
+        p0, p1, p2 = prec[bi, g, 0], prec[bi, g, 1], prec[bi, g, 2]
+        p3, p4, p5 = prec[bi, g, 3], prec[bi, g, 4], prec[bi, g, 5]
         peak = intens[bi, g]
         gi = 0.0
         gm0 = 0.0
@@ -153,9 +157,10 @@ def backward(origins, directions, means, prec, intens, pixel_box, cutoff_sq, gra
                     up = grad_out[bi, vi, r, c]
                     if up == 0.0:
                         continue
-                    d = directions[vi, r, c]
+                    dx, dy, dz = directions[vi, r, c, 0], directions[vi, r, c, 1], directions[vi, r, c, 2]
                     rx, ry, rz, pdx, pdy, pdz, prx, pry, prz, a, b, cc = _pair_terms(
-                        origins[vi, r, c], d, mu, p)
+                        origins[vi, r, c, 0], origins[vi, r, c, 1], origins[vi, r, c, 2], dx, dy, dz,
+                        mx, my, mz, p0, p1, p2, p3, p4, p5)
                     m = cc - b * b / a
                     if m >= cutoff_sq:
                         continue
@@ -166,7 +171,6 @@ def backward(origins, directions, means, prec, intens, pixel_box, cutoff_sq, gra
                     g_a = -0.5 * val * (1.0 / a + ba * ba)
                     g_b = val * ba
                     g_c = -0.5 * val
-                    dx, dy, dz = d[0], d[1], d[2]
                     gp0 += g_a * dx * dx + g_b * dx * rx + g_c * rx * rx
                     gp1 += g_a * dy * dy + g_b * dy * ry + g_c * ry * ry
                     gp2 += g_a * dz * dz + g_b * dz * rz + g_c * rz * rz
