@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from medgauss.gaussians import Gaussians
 from medgauss.render._common import voxel_centers
 
-# Pairs evaluated per block; each pair needs ~8 floats of scratch.
+# Pairs evaluated per block (about 50 MB of float32 scratch, forward or backward).
 _BLOCK_PAIRS = 1 << 20
 
 
