@@ -45,14 +45,21 @@ def mask_to_volume(mask: Tensor, grid_size: tuple[int, int, int], patch_size: tu
 
 def masked_voxel_indices(mask: Tensor, grid_size: tuple[int, int, int],
                          patch_size: tuple[int, int, int]) -> Tensor:
-    """Integer voxel indices ``[B, M, 3]`` (d, h, w; C order) of every hidden voxel.
+    """Integer voxel indices ``[B, M, 3]`` (d, h, w) of every hidden voxel, int64.
 
-    Every sample must hide the same number of patches (``random_masking`` guarantees it), so that
-    ``M = hidden patches * pd * ph * pw`` is the same for the whole batch.
+    Ordered patch by patch (hidden patches in increasing patch index), each patch's voxels in C
+    order, i.e. the order of :func:`patchify` values. Every sample must hide the same number of
+    patches (``random_masking`` guarantees it), so ``M = hidden patches * pd * ph * pw`` for all.
+    Built by broadcasting patch origins against in-patch offsets (no voxel-sized mask volume).
     """
+    b = mask.shape[0]
     counts = mask.sum(dim=1)
-    if mask.shape[0] and not bool((counts == counts[0]).all()):
+    if b and not bool((counts == counts[0]).all()):
         raise ValueError(f"mask must hide the same number of patches in every sample, got {counts.tolist()}")
-    vol = mask_to_volume(mask, grid_size, patch_size)[:, 0]
-    idx = torch.nonzero(vol)  # [B*M, 4], sorted by batch then C order
-    return idx[:, 1:].reshape(mask.shape[0], -1, 3)
+    _, gh, gw = grid_size
+    hidden = torch.nonzero(mask)[:, 1].reshape(b, -1)  # [B, Lm], increasing per sample
+    patch = torch.tensor(patch_size, device=mask.device)
+    origin = torch.stack([hidden // (gh * gw), (hidden // gw) % gh, hidden % gw], dim=-1) * patch
+    axes = [torch.arange(p, device=mask.device) for p in patch_size]
+    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [P, 3]
+    return (origin[:, :, None, :] + offsets[None, None]).reshape(b, -1, 3)

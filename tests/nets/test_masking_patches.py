@@ -89,9 +89,18 @@ def test_mask_to_volume_and_voxel_indices():
                     index = ((d // 2) * 3 + h // 2) * 2 + w // 3
                     assert bool(vol[b, 0, d, h, w]) == bool(mask[b, index])
     idx = masked_voxel_indices(mask, grid, patch)
-    assert idx.shape == (2, 2 * 12, 3)
+    assert idx.shape == (2, 2 * 12, 3) and idx.dtype == torch.int64
     for b in range(2):
-        assert torch.equal(idx[b], torch.nonzero(vol[b, 0]))
+        # the same voxels as the volume mask ...
+        as_set = {tuple(v) for v in idx[b].tolist()}
+        assert len(as_set) == idx.shape[1] and as_set == {tuple(v) for v in torch.nonzero(vol[b, 0]).tolist()}
+        # ... ordered patch by patch, C order inside each patch (the order of patchify values)
+        expected = []
+        for index in torch.nonzero(mask[b]).flatten().tolist():
+            gi, gj, gk = index // 6, (index // 2) % 3, index % 2
+            expected += [(gi * 2 + i, gj * 2 + j, gk * 3 + k)
+                         for i in range(2) for j in range(2) for k in range(3)]
+        assert idx[b].tolist() == [list(v) for v in expected]
 
 
 def test_voxel_indices_need_equal_counts():
