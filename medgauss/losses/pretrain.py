@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from medgauss.nets.gaussian_mae import GaussianMAE, GaussianMAEOutput
@@ -50,9 +49,8 @@ class MaskedGaussianLoss(nn.Module):
                              f"{tuple(images.shape)}")
         idx = masked_voxel_indices(out.mask, out.grid_size, out.patch_size)  # [B, M, 3]
         pred = splat(g, images.shape[2:], points=idx, cutoff=self.cutoff, backend=self.backend)  # [B, M]
-        flat = images[:, 0].reshape(images.shape[0], -1)
-        linear = (idx[..., 0] * images.shape[3] + idx[..., 1]) * images.shape[4] + idx[..., 2]
-        target = torch.gather(flat, 1, linear).to(pred.dtype)
+        # the hidden voxels of the input, in the order of ``idx`` (patch by patch, C order inside)
+        target = patchify(images, out.patch_size)[out.mask].reshape(g.batch_size, -1).to(pred.dtype)
         return (pred - target).square().mean()
 
 
