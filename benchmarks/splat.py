@@ -208,7 +208,7 @@ def main() -> None:
                     dense_pairs = n * edge**3
                     if (backend == "torch" and dense_pairs > args.torch_max_pairs) or pairs > args.max_pairs:
                         rows.append({"backend": backend, "n": n, "edge": edge, "size": size, "skipped": True})
-                        print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8} {'skipped (too many pairs for this backend)':>40}")
+                        print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8}   skipped (too many pairs for this backend)")
                         continue
                     res = bench_row(backend, g, edge, args.cutoff, args.device, args.repeat)
                     res.update(backend=backend, n=n, edge=edge, size=size, pairs=pairs,
@@ -220,7 +220,8 @@ def main() -> None:
                     rows.append(res)
                     fx = f"{res['fwd_speedup_vs_torch']:.0f}x" if ref else "-"
                     fbx = f"{res['fwd_bwd_speedup_vs_torch']:.0f}x" if ref else "-"
-                    print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8} {res['fwd_ms']:>10.1f} {res['fwd_bwd_ms']:>11.1f} "
+                    print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8} "
+                          f"{res['fwd_ms']:>10.1f} {res['fwd_bwd_ms']:>11.1f} "
                           f"{res['pairs_per_s']:>9.2e} {res['pairs_per_s'] / ceiling:>5.2f} "
                           f"{max(res['peak_fwd_mib'], res['peak_fwd_bwd_mib']):>9.0f} {fx:>7} {fbx:>7}", flush=True)
     out = Path(args.json)
