@@ -32,6 +32,9 @@ def create_model(name: str, **overrides: Any) -> nn.Module:
     (e.g. ``img_size=64``). Raises ``ValueError`` for an unknown name."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown model name {name!r}; registered: {list_models()}")
-    model = _FACTORIES[name](**overrides)
+    try:
+        model = _FACTORIES[name](**overrides)
+    except TypeError as exc:  # an override that is no constructor argument
+        raise ValueError(f"invalid overrides for model {name!r} ({sorted(overrides)}): {exc}") from exc
     model.registry_name = name
     return model

@@ -34,6 +34,8 @@ def test_registry_names():
     assert list_models("vmae_*") == ["vmae_base", "vmae_large", "vmae_tiny"]
     with pytest.raises(ValueError, match="unknown model name"):
         create_model("gmae_huge")
+    with pytest.raises(ValueError, match="hidden_dim"):
+        create_model("vmae_tiny", hidden_dim=64)
 
 
 @pytest.mark.parametrize("name", list_models("*tiny"))
