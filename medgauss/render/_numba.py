@@ -145,19 +145,13 @@ def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarr
     is a voxel centre ``(i + 0.5) / n`` up to two units in the last place of its dtype (so integer
     voxel indices always qualify); such points are evaluated at the exact centres.
     """
-    b, m = points.shape[:2]
-    volume = math.prod(shape)
-    if m < GATHER_MIN_FRACTION * volume:
+    m = points.shape[1]
+    if m < GATHER_MIN_FRACTION * math.prod(shape):
         return None
     sizes = np.asarray(shape, dtype=np.float64)
-    u = _to_numpy(points).reshape(-1, 3) * sizes - 0.5
-    index = np.rint(u)
     tolerance = 2.0 * torch.finfo(points.dtype).eps * sizes
-    if not bool((np.abs(u - index) <= tolerance).all()):
-        return None
-    index = index.astype(np.int64)
-    flat = (index[:, 0] * shape[1] + index[:, 1]) * shape[2] + index[:, 2]
-    return flat + np.repeat(np.arange(b, dtype=np.int64) * volume, m)
+    index, all_centres = kernels.voxel_centre_index(_to_numpy(points).reshape(-1, 3), sizes, tolerance, m)
+    return index if all_centres else None
 
 
 def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],

@@ -104,6 +104,21 @@ def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float) -> tuple[float,
 
 
 @njit(**_JIT)
+def _first_ratios(a: float, delta: float, decay: float, n_right: int, n_left: int) -> tuple[float, float]:
+    """``e[peak+1] / e[peak]`` and ``e[peak-1] / e[peak]`` for ``delta = peak - w*`` (0 when unused).
+
+    Their product is ``exp(-a) = decay``, so when both are needed (then ``|delta| <= 1/2``, both lie
+    in ``[decay, 1]``) one ``exp`` and a division suffice, unless ``decay`` underflows.
+    """
+    rho_right = math.exp(-0.5 * a * (2.0 * delta + 1.0)) if n_right > 0 else 0.0
+    if n_left == 0:
+        return rho_right, 0.0
+    if n_right > 0 and a < 700.0:
+        return rho_right, decay / rho_right
+    return rho_right, math.exp(0.5 * a * (2.0 * delta - 1.0))
+
+
+@njit(**_JIT)
 def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
              decay: float, q_row: float, intensity: float) -> None:
     """``out[base + w] += I exp(-q(w)/2)`` for ``lo <= w <= hi``, two multiplicative chains from ``peak``."""
@@ -112,8 +127,7 @@ def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: flo
     out[base + peak] += e_right
     n_right = hi - peak
     n_left = peak - lo
-    rho_right = math.exp(-0.5 * a * (2.0 * delta + 1.0)) if n_right > 0 else 0.0
-    rho_left = math.exp(0.5 * a * (2.0 * delta - 1.0)) if n_left > 0 else 0.0
+    rho_right, rho_left = _first_ratios(a, delta, decay, n_right, n_left)
     both = min(n_right, n_left)
     for k in range(1, both + 1):
         e_right *= rho_right
@@ -175,53 +189,58 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
 
 @njit(**_JIT)
 def _row_sums(grad: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: float, a: float,
-              decay: float, q_row: float, rho_peak: float) -> tuple[float, float, float]:
-    """``(sum g e, sum g e r2, sum g e r2^2)`` over a chord, ``r2 = w - mean_W``, ``e = exp(-q/2)``."""
+              decay: float, q_row: float, r_peak: float) -> tuple[float, float, float]:
+    """``(sum g e, sum g e r2, sum g e r2^2)`` over a chord, ``r2 = w - mean_W``, ``e = exp(-q/2)``.
+
+    ``r_peak`` is ``r2`` at ``peak``; two chains walk outwards from it as in ``_add_row``.
+    """
     e_right = math.exp(-0.5 * (a * (delta * delta) + q_row))
     e_left = e_right
     ge = grad[base + peak] * e_right
-    s0 = ge
-    s1 = ge * rho_peak
-    s2 = ge * rho_peak * rho_peak
-    t0 = 0.0
-    t1 = 0.0
-    t2 = 0.0
+    gr = ge * r_peak
+    s0, s1, s2 = ge, gr, gr * r_peak
+    t0 = t1 = t2 = 0.0
     n_right = hi - peak
     n_left = peak - lo
-    rho_right = math.exp(-0.5 * a * (2.0 * delta + 1.0)) if n_right > 0 else 0.0
-    rho_left = math.exp(0.5 * a * (2.0 * delta - 1.0)) if n_left > 0 else 0.0
+    rho_right, rho_left = _first_ratios(a, delta, decay, n_right, n_left)
+    r_right = r_peak
+    r_left = r_peak
     both = min(n_right, n_left)
     for k in range(1, both + 1):
         e_right *= rho_right
         rho_right *= decay
         e_left *= rho_left
         rho_left *= decay
+        r_right += 1.0
+        r_left -= 1.0
         ge = grad[base + peak + k] * e_right
-        r = rho_peak + k
+        gr = ge * r_right
         s0 += ge
-        s1 += ge * r
-        s2 += ge * r * r
+        s1 += gr
+        s2 += gr * r_right
         ge = grad[base + peak - k] * e_left
-        r = rho_peak - k
+        gr = ge * r_left
         t0 += ge
-        t1 += ge * r
-        t2 += ge * r * r
+        t1 += gr
+        t2 += gr * r_left
     for k in range(both + 1, n_right + 1):
         e_right *= rho_right
         rho_right *= decay
+        r_right += 1.0
         ge = grad[base + peak + k] * e_right
-        r = rho_peak + k
+        gr = ge * r_right
         s0 += ge
-        s1 += ge * r
-        s2 += ge * r * r
+        s1 += gr
+        s2 += gr * r_right
     for k in range(both + 1, n_left + 1):
         e_left *= rho_left
         rho_left *= decay
+        r_left -= 1.0
         ge = grad[base + peak - k] * e_left
-        r = rho_peak - k
+        gr = ge * r_left
         t0 += ge
-        t1 += ge * r
-        t2 += ge * r * r
+        t1 += gr
+        t2 += gr * r_left
     return s0 + t0, s1 + t1, s2 + t2
 
 
@@ -329,6 +348,29 @@ def bin_gaussians(cell_lo: np.ndarray, cell_hi: np.ndarray, batch: int, grid: in
                     entries[cursor[c]] = g
                     cursor[c] += 1
     return offsets, entries
+
+
+@njit(**_JIT)
+def voxel_centre_index(x: np.ndarray, sizes: np.ndarray, tolerance: np.ndarray, per_sample: int
+                       ) -> tuple[np.ndarray, bool]:
+    """Flat indices into ``[B, D, H, W]`` of normalised points ``x [B*M, 3]`` that are voxel centres.
+
+    Returns ``(index [B*M], True)`` when every point lies within ``tolerance [3]`` voxels of a
+    centre ``(i + 0.5) / n``, else ``(partial index, False)`` (stops at the first other point).
+    """
+    num_points = x.shape[0]
+    volume = int(sizes[0]) * int(sizes[1]) * int(sizes[2])
+    index = np.empty(num_points, dtype=np.int64)
+    for i in range(num_points):
+        flat = 0
+        for a in range(3):
+            u = x[i, a] * sizes[a] - 0.5
+            k = math.floor(u + 0.5)
+            if not abs(u - k) <= tolerance[a]:
+                return index, False
+            flat = flat * int(sizes[a]) + min(max(k, 0), int(sizes[a]) - 1)
+        index[i] = (i // per_sample) * volume + flat
+    return index, True
 
 
 @njit(**_JIT)
