@@ -86,22 +86,25 @@ def _ray_setup(vec, v, r, c, is_cone, org, sp, n0, n1, n2):
 
 
 @njit(cache=True, inline="always")
-def _interior_range(k0, k1, oa, da, o, d, n, margin):
-    """Planes ``k`` in ``[k0, k1]`` where ``o + (k - oa) d / da`` lies in ``[margin, n - 1 - margin]``,
-    i.e. where both bilinear neighbours along this axis are inside the volume (no bounds checks needed)."""
+def _interior_range(k0, k1, oa, da, o, d, lo, hi, margin):
+    """Planes ``k`` in ``[k0, k1]`` where ``p = o + (k - oa) d / da`` lies in ``[lo + margin, hi - 1 - margin]``,
+    i.e. where both bilinear neighbours ``floor(p)`` and ``floor(p) + 1`` lie in ``[lo, hi)`` (no bounds
+    checks needed). ``margin`` keeps rounding of ``p`` from crossing a bound."""
     slope = d / da
-    lo_p, hi_p = margin, n - 1.0 - margin
+    lo_p, hi_p = lo + margin, hi - 1.0 - margin
     if hi_p < lo_p:
-        return 0, -1
+        return k1 + 1, k1
     if abs(slope) < _EPS:
         if o < lo_p or o > hi_p:
-            return 0, -1
+            return k1 + 1, k1
         return k0, k1
     ka = oa + (lo_p - o) / slope
     kb = oa + (hi_p - o) / slope
-    lo = max(k0, int(math.ceil(min(ka, kb))) + 1)
-    hi = min(k1, int(math.floor(max(ka, kb))) - 1)
-    return lo, hi
+    first = max(k0, int(math.ceil(min(ka, kb))) + 1)
+    last = min(k1, int(math.floor(max(ka, kb))) - 1)
+    if last < first:
+        return k1 + 1, k1
+    return first, last
 
 
 @njit(cache=True, inline="always")
@@ -139,8 +142,8 @@ def _forward_kernel(vol, vec, is_cone, org, sp, shape, out):
             nbsz = shape[b]
             ncsz = shape[cc]
             sa, sb, sc = strides[a], strides[b], strides[cc]
-            lb, hb = _interior_range(k0, k1, oa, da, ob, db, nbsz, 1e-6)
-            lc, hc = _interior_range(k0, k1, oa, da, oc, dc, ncsz, 1e-6)
+            lb, hb = _interior_range(k0, k1, oa, da, ob, db, 0, nbsz, 1e-6)
+            lc, hc = _interior_range(k0, k1, oa, da, oc, dc, 0, ncsz, 1e-6)
             fast_lo, fast_hi = max(lb, lc), min(hb, hc)
             if fast_hi < fast_lo:
                 fast_lo, fast_hi = k1 + 1, k1
@@ -218,10 +221,26 @@ def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, num_slabs, out):
                         if a != 0:
                             lo_b, hi_b = z0, z1
                         w = val * weight
+                        lb, hb = _interior_range(k0, k1, oa, da, ob, db, lo_b, hi_b, 1e-6)
+                        lc, hc = _interior_range(k0, k1, oa, da, oc, dc, 0, ncsz, 1e-6)
+                        fast_lo, fast_hi = max(lb, lc), min(hb, hc)
+                        if fast_hi < fast_lo:
+                            fast_lo, fast_hi = k1 + 1, k1
                         for k in range(k0, k1 + 1):
                             t = (k - oa) / da
                             pb = ob + t * db
                             pc = oc + t * dc
+                            if k >= fast_lo and k <= fast_hi:
+                                ib = int(pb)
+                                ic = int(pc)
+                                fb = pb - ib
+                                fc = pc - ic
+                                i00 = k * sa + ib * sb + ic * sc
+                                out[bi, i00] += w * (1.0 - fb) * (1.0 - fc)
+                                out[bi, i00 + sc] += w * (1.0 - fb) * fc
+                                out[bi, i00 + sb] += w * fb * (1.0 - fc)
+                                out[bi, i00 + sb + sc] += w * fb * fc
+                                continue
                             ib = int(math.floor(pb))
                             ic = int(math.floor(pc))
                             fb = pb - ib
