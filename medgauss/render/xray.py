@@ -13,8 +13,8 @@ on a ray only where that distance is below ``cutoff`` (the same rule as :func:`s
 
 This module holds the public entry point and the decisions every backend shares:
 
-* :func:`footprint_pixel_rects`: the exact pixel bounding box of each Gaussian's cutoff
-  ellipsoid in each view (a ray meets the ellipsoid only if its pixel lies in the box);
+* :func:`footprints`: the exact outline (a conic) and pixel bounding box of each Gaussian's
+  cutoff ellipsoid in each view (a ray meets the ellipsoid only if its pixel lies inside);
 * :func:`tile_rects`: the same boxes in units of pixel tiles, used to bin Gaussians into tiles.
 
 The backends are the pure-torch reference (:mod:`medgauss.render._xray_torch`, dense, no culling),
@@ -34,7 +34,7 @@ from medgauss.gaussians import Gaussians
 from medgauss.render import _common
 from medgauss.render.dispatch import get_implementation, resolve_backend
 
-__all__ = ["project", "footprint_pixel_rects", "tile_rects", "TILE_SHAPE"]
+__all__ = ["project", "footprints", "footprint_pixel_rects", "tile_rects", "TILE_SHAPE"]
 
 # Detector tile (rows, cols) used to bin Gaussians for the culled backends.
 TILE_SHAPE = (16, 16)
@@ -132,70 +132,99 @@ def _check_view_ids(view_ids: Sequence[int] | Tensor | None, num_views: int) -> 
 def footprint_pixel_rects(
     gaussians: Gaussians, matrices: Tensor, det_shape: tuple[int, int], cutoff: float | None
 ) -> Tensor:
-    """Pixel box of every Gaussian's cutoff ellipsoid in every view, exact up to a tiny margin.
+    """Pixel boxes ``[B, V, N, 4]`` of the Gaussians' cutoff ellipsoids (see :func:`footprints`)."""
+    return footprints(gaussians, matrices, det_shape, cutoff)[0]
 
-    The ellipsoid ``E = {x : (x - mu)^T Sigma^{-1} (x - mu) <= cutoff^2}`` projects (for cone beam,
-    through the source) onto the detector. The column coordinate ``u(x) = (p0 . x) / (p2 . x)``
-    (``p_k`` the rows of the ``[3, 4]`` projection matrix, ``x`` homogeneous) is extreme on ``E``
-    where the plane ``(p0 - u p2) . x = 0`` touches ``E``; a plane ``n . x + n4 = 0`` touches it iff
-    ``(n . mu + n4)^2 = cutoff^2 n^T Sigma n``, a quadratic in ``u`` whose roots bound the columns
-    (rows likewise with ``p1``). When ``E`` meets the plane through the source parallel to the
-    detector (``p2 . x = 0``), its image is unbounded and the whole detector is returned.
-    Parallel beam (``p2 = (0, 0, 0, 1)``) reduces to ``u = p0 . mu +- cutoff sqrt(p0^T Sigma p0)``.
 
-    A ray whose smallest Mahalanobis distance is below ``cutoff`` meets ``E``, so its pixel centre
-    lies in the box: culling with these boxes never drops a contributing (ray, Gaussian) pair.
+@torch.no_grad()
+def footprints(
+    gaussians: Gaussians, matrices: Tensor, det_shape: tuple[int, int], cutoff: float | None
+) -> tuple[Tensor, Tensor]:
+    """Exact detector footprint of every Gaussian's cutoff ellipsoid in every view: box and conic.
+
+    The ellipsoid ``E = {x : (x - mu)^T Sigma^{-1} (x - mu) <= cutoff^2}`` has the dual quadric
+    ``Q* = [[M - mu mu^T, -mu], [-mu^T, -1]]`` with ``M = cutoff^2 Sigma``: a plane ``pi`` touches
+    ``E`` iff ``pi^T Q* pi = 0``. Its outline on the detector (through the source for cone beam,
+    along the rays for parallel beam) is the conic with dual ``C* = P Q* P^T`` (``P`` the ``[3, 4]``
+    projection matrix, pixel coordinates ``(col, row, 1)``): ``C*_jk = p_j^T M p_k - (p_j . mu)(p_k . mu)``.
+
+    * Box: the columns ``u`` where the line ``col = u`` touches the outline solve
+      ``C*_00 - 2 u C*_02 + u^2 C*_22 = 0`` (rows likewise with index 1). For parallel beam this is
+      ``u = p0 . mu +- cutoff sqrt(p0^T Sigma p0)``.
+    * Conic: the pixels whose ray meets ``E`` are ``x^T C x >= 0`` with ``C = adj(C*)``, sign-fixed so
+      that the projected centre is inside; each detector row is then one column interval.
+
+    When ``E`` meets the plane through the source parallel to the detector (``C*_22 >= 0``), the
+    outline is unbounded: the box is the whole detector and the conic is ``(0, 0, 0, 0, 0, 1)``
+    (every pixel of every row). ``M`` is enlarged by a relative ``1e-6`` and boxes by 0.01 pixel so
+    that rounding never drops a ray whose smallest Mahalanobis distance is below ``cutoff``: culling
+    with these footprints never drops a contributing (ray, Gaussian) pair.
 
     Args:
         gaussians: ``B`` x ``N`` Gaussians in world mm.
         matrices: ``[V, 3, 4]`` float64 world-to-pixel projection matrices (pixel centres at
             integers, ``(col * w, row * w, w)``).
         det_shape: detector ``(rows, cols)``.
-        cutoff: Mahalanobis radius, or ``None`` (every box is the whole detector).
+        cutoff: Mahalanobis radius, or ``None`` (every footprint is the whole detector).
 
     Returns:
-        ``[B, V, N, 4]`` int32 inclusive pixel ranges ``(row_min, row_max, col_min, col_max)``
-        clipped to the detector; a box with ``row_min > row_max`` or ``col_min > col_max`` is empty.
+        ``boxes [B, V, N, 4]`` int32 inclusive pixel ranges ``(row_min, row_max, col_min, col_max)``
+        clipped to the detector (empty where ``row_min > row_max`` or ``col_min > col_max``) and
+        ``conics [B, V, N, 6]`` float64 ``(C00, C01, C02, C11, C12, C22)``, scaled to max-abs 1:
+        pixel ``(col, row)`` may see the Gaussian iff
+        ``C00 col^2 + 2 C01 col row + 2 C02 col + C11 row^2 + 2 C12 row + C22 >= 0``.
     """
     rows, cols = det_shape
     b, n = gaussians.batch_size, gaussians.num_gaussians
     v = matrices.shape[0]
     device = gaussians.device
     full = torch.tensor([0, rows - 1, 0, cols - 1], dtype=torch.int32, device=device)
+    everywhere = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
     if cutoff is None:
-        return full.expand(b, v, n, 4).contiguous()
+        return full.expand(b, v, n, 4).contiguous(), everywhere.expand(b, v, n, 6).contiguous()
     mu = gaussians.means.detach().to(torch.float64)
-    sigma = gaussians.covariance().detach().to(torch.float64) * (cutoff * cutoff)  # [B, N, 3, 3]
+    m_mat = gaussians.covariance().detach().to(torch.float64) * (cutoff * cutoff * (1 + 1e-6))  # [B, N, 3, 3]
     mu_h = torch.cat((mu, torch.ones_like(mu[..., :1])), dim=-1)  # [B, N, 4]
-    out = []
+    boxes, conics = [], []
     step = max(1, _FOOTPRINT_CHUNK // max(1, b * n))
     for start in range(0, v, step):
         p = matrices[start:start + step].to(device=device, dtype=torch.float64)  # [v, 3, 4]
-        alpha = torch.einsum("vkj,bnj->bvnk", p, mu_h)  # [B, v, N, 3]
-        sp = torch.einsum("bnij,vkj->bvnik", sigma, p[..., :3])  # Sigma p_k: [B, v, N, 3, 3(k)]
-        pk = p[..., :3][None, :, None]  # [1, v, 1, 3(k), 3(i)]
-
-        def beta(j: int, k: int, sp: Tensor = sp, pk: Tensor = pk) -> Tensor:
-            return (pk[..., j, :] * sp[..., :, k]).sum(-1)
-
-        a_coef = alpha[..., 2].square() - beta(2, 2)
-        bounded = a_coef > 1e-12 * (alpha[..., 2].square() + beta(2, 2))
-        safe_a = torch.where(bounded, a_coef, torch.ones_like(a_coef))
+        alpha = torch.einsum("vkj,bnj->bvnk", p, mu_h)  # [B, v, N, 3]: projected centre (homogeneous)
+        mp = torch.einsum("bnij,vkj->bvnik", m_mat, p[..., :3])  # M p_k: [B, v, N, 3, 3(k)]
+        beta = torch.einsum("vji,bvnik->bvnjk", p[..., :3], mp)  # p_j^T M p_k: [B, v, N, 3, 3]
+        dual = beta - alpha[..., :, None] * alpha[..., None, :]  # C*
+        bounded = -dual[..., 2, 2] > 1e-12 * (alpha[..., 2].square() + beta[..., 2, 2])
+        safe_c22 = torch.where(bounded, dual[..., 2, 2], -torch.ones_like(dual[..., 2, 2]))
         bounds = []
         for k, size in ((1, rows), (0, cols)):  # rows from p1, columns from p0
-            half_b = alpha[..., k] * alpha[..., 2] - beta(k, 2)
-            c_coef = alpha[..., k].square() - beta(k, k)
-            root = (half_b.square() - safe_a * c_coef).clamp_min(0).sqrt()
-            lo = (half_b - root) / safe_a
-            hi = (half_b + root) / safe_a
+            root = (dual[..., k, 2].square() - dual[..., k, k] * safe_c22).clamp_min(0).sqrt()
+            lo = (dual[..., k, 2] + root) / safe_c22  # C*_22 < 0: the larger numerator gives the lower root
+            hi = (dual[..., k, 2] - root) / safe_c22
             lo = torch.where(bounded, lo, torch.full_like(lo, -math.inf))
             hi = torch.where(bounded, hi, torch.full_like(hi, math.inf))
             margin = _FOOTPRINT_MARGIN_PX + 1e-9 * torch.maximum(lo.abs(), hi.abs()).nan_to_num(0, 0, 0)
             first = torch.ceil((lo - margin).clamp(-1.0, float(size)))
             last = torch.floor((hi + margin).clamp(-1.0, float(size)))
             bounds += [first.clamp_min(0), last.clamp_max(size - 1)]
-        out.append(torch.stack(bounds, dim=-1).to(torch.int32))
-    return torch.cat(out, dim=1) if out else full.expand(b, 0, n, 4).contiguous()
+        boxes.append(torch.stack(bounds, dim=-1).to(torch.int32))
+        conics.append(_outline_conic(dual, alpha, bounded, everywhere))
+    if not boxes:
+        return full.expand(b, 0, n, 4).contiguous(), everywhere.expand(b, 0, n, 6).contiguous()
+    return torch.cat(boxes, dim=1), torch.cat(conics, dim=1)
+
+
+def _outline_conic(dual: Tensor, centre: Tensor, bounded: Tensor, everywhere: Tensor) -> Tensor:
+    """Packed point conic ``adj(C*)`` ``[..., 6]``, positive at the projected ``centre [..., 3]``."""
+    s00, s01, s02 = dual[..., 0, 0], dual[..., 0, 1], dual[..., 0, 2]
+    s11, s12, s22 = dual[..., 1, 1], dual[..., 1, 2], dual[..., 2, 2]
+    adj = torch.stack((s11 * s22 - s12 * s12, s02 * s12 - s01 * s22, s01 * s12 - s02 * s11,
+                       s00 * s22 - s02 * s02, s01 * s02 - s00 * s12, s00 * s11 - s01 * s01), dim=-1)
+    x, y, w = centre.unbind(-1)
+    at_centre = (adj[..., 0] * x * x + 2 * adj[..., 1] * x * y + 2 * adj[..., 2] * x * w
+                 + adj[..., 3] * y * y + 2 * adj[..., 4] * y * w + adj[..., 5] * w * w)
+    scale = adj.abs().amax(-1).clamp_min(torch.finfo(torch.float64).tiny)
+    conic = adj * (torch.sign(at_centre) / scale)[..., None]
+    return torch.where(bounded[..., None] & (at_centre != 0)[..., None], conic, everywhere)
 
 
 def tile_rects(pixel_rects: Tensor, tile_shape: tuple[int, int] = TILE_SHAPE) -> Tensor:

@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 from medgauss.gaussians import Gaussians
 from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
 from medgauss.render.dispatch import resolve_backend
-from medgauss.render.xray import footprint_pixel_rects, project
+from medgauss.render.xray import footprint_pixel_rects, footprints, project
 
 ANGLES = [0.3, 2.0]
 
@@ -177,6 +177,15 @@ def test_footprints_contain_every_contributing_pixel_and_are_tight(kind):
         else:
             np.testing.assert_allclose(rects[b, v, n], expect, atol=1)
     assert straddling == (2 if kind == "cone" else 0)  # Gaussian 4 in view 0 of each sample
+    # The outline conic: every contributing pixel is inside, and pixels inside are (nearly) contributing.
+    _, conics = footprints(g, geo.projection_matrices(), geo.det_shape, cutoff)
+    c = conics.numpy()[:, :, None, None, :, :]  # [B, V, 1, 1, N, 6]
+    x, y = cols.astype(float), rows.astype(float)
+    q = (c[..., 0] * x * x + 2 * c[..., 1] * x * y + 2 * c[..., 2] * x + c[..., 3] * y * y + 2 * c[..., 4] * y
+         + c[..., 5])
+    assert not (inside & (q < 0)).any(), "the outline conic would drop a pair that passes the cutoff rule"
+    bounded = np.broadcast_to(c[..., 0] < 0, q.shape)  # unbounded outlines are "every pixel"
+    assert (min_mahalanobis_sq(g, geo)[(q > 0) & bounded] < cutoff**2 * 1.001).all()
     # A Gaussian far outside the field of view gets an empty box in every view (culled everywhere).
     far = Gaussians(torch.tensor([[[10.0, -5.0, 400.0]]], dtype=torch.float64), g.scales[:1, :1],
                     g.quats[:1, :1], g.intensities[:1, :1])
