@@ -3,7 +3,8 @@
 Gaussians fill a 256 mm cube like a trained CT representation (spacing ~ edge / N^(1/3), scales 0.3-0.9
 of the spacing, random rotations), seen by a 256^2 detector (dso 1000 mm, dsd 1500 mm) that covers the
 cube. Each backend is timed in the same run (median of ``--repeats`` after a warm-up that also compiles
-numba); ratios are to the dense torch reference where it ran. The reference evaluates every
+numba; the dense torch reference, with nothing to compile, is timed once by default); ratios are to
+the torch reference where it ran. The reference evaluates every
 (ray, Gaussian) pair, so it is skipped above ``--torch-max-n`` Gaussians (its time grows as N x rays).
 Triton runs only on CUDA (its CPU interpreter is for tests, not timing).
 
@@ -59,8 +60,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int) -> float:
-    """Median seconds of ``mode`` ("fwd" or "fwd+bwd") after one warm-up call."""
+def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int, warmup: bool = True) -> float:
+    """Median seconds of ``mode`` ("fwd" or "fwd+bwd"), after one warm-up call if ``warmup``."""
     grad = mode == "fwd+bwd"
     params = [t.clone().requires_grad_(grad) for t in (g.means, g.scales, g.quats, g.intensities)]
     cot = torch.randn(1, 1, *geo.det_shape, device=g.device)
@@ -74,7 +75,8 @@ def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int) -> fl
             out = project(gg, geo, backend=backend)
             torch.autograd.grad((out * cot).sum(), params)
 
-    once()
+    if warmup:
+        once()
     times = []
     for _ in range(repeats):
         _sync(g.device)
@@ -87,12 +89,13 @@ def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int) -> fl
 
 def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = None,
         repeats: int | None = None, torch_max_n: int | None = None,
-        backends: list[str] | None = None) -> list[dict]:
+        backends: list[str] | None = None, torch_repeats: int = 1) -> list[dict]:
     """Time every backend; one row per (N, backend, mode) with ``seconds`` and ``ratio_to_torch``.
 
     Args:
         quick: small sizes (512 / 2k Gaussians, 64^2 detector, 1 repeat).
         sizes, det, repeats, torch_max_n, backends: override the defaults of the chosen mode.
+        torch_repeats: timed calls of the dense reference (no warm-up: nothing to compile).
     """
     sizes = sizes or ([512, 2048] if quick else [4096, 32768, 131072])
     det = det or (64 if quick else 256)
@@ -116,6 +119,8 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
                     row["note"] = "unavailable on this machine"
                 elif name == "torch" and n > torch_max_n:
                     row["note"] = f"skipped: dense reference above --torch-max-n={torch_max_n}"
+                elif name == "torch":  # nothing to compile; one call (it is slow by design)
+                    row["seconds"] = time_backend(g, geo, name, mode, torch_repeats, warmup=False)
                 else:
                     row["seconds"] = time_backend(g, geo, name, mode, repeats)
                     if name == "torch":
@@ -147,9 +152,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed repeats per measurement (median)")
     parser.add_argument("--torch-max-n", type=int, help="largest N for the dense torch reference")
     parser.add_argument("--backends", nargs="+", choices=["torch", "numba", "triton"])
+    parser.add_argument("--torch-repeats", type=int, default=1, help="timed calls of the dense reference")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
-    rows = run(args.quick, args.sizes, args.det, args.repeats, args.torch_max_n, args.backends)
+    rows = run(args.quick, args.sizes, args.det, args.repeats, args.torch_max_n, args.backends, args.torch_repeats)
     print(format_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
