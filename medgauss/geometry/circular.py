@@ -13,6 +13,8 @@ Conventions (the geometry contract, shared with ``medgauss.render.project``):
   plane through the isocentre, rays travel along ``-e_s``.
 - Pixel ``(r, c)`` centre:
   ``C + (c - (cols-1)/2) col_mm u + (r - (rows-1)/2) row_mm v + off_col u + off_row v``.
+- Optional per-view ``poses`` ``[V, 4, 4]`` (rigid, gantry -> world) move each view's source and detector
+  after this circular placement, e.g. for measured C-arm poses or a wobbling gantry.
 - Volumes hold linear attenuation per mm; a projection is the (dimensionless) line integral.
 """
 
@@ -74,6 +76,29 @@ def _angles(value: Any) -> Tensor:
     return a.contiguous()
 
 
+def _poses(value: Any, num_views: int) -> Tensor | None:
+    if value is None:
+        return None
+    p = torch.as_tensor(np.asarray(value, dtype=np.float64)) if not isinstance(value, Tensor) else value
+    p = p.detach().to(device="cpu", dtype=torch.float64)
+    if p.shape != (num_views, 4, 4):
+        raise ValueError(f"poses must have shape [V={num_views}, 4, 4] (one per angle), got {tuple(p.shape)}")
+    if not bool(torch.isfinite(p).all()):
+        raise ValueError("poses contains non-finite values")
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    rot = p[:, :3, :3]
+    eye = torch.eye(3, dtype=torch.float64).expand_as(rot)
+    if (
+        not torch.allclose(p[:, 3], bottom.expand(num_views, 4))
+        or not torch.allclose(rot @ rot.transpose(1, 2), eye, atol=1e-6)
+        or bool((torch.linalg.det(rot) < 0).any())
+    ):
+        raise ValueError(
+            "poses must be rigid transforms: rotation (orthonormal, det +1) and translation, last row (0, 0, 0, 1)"
+        )
+    return p.contiguous()
+
+
 @dataclass(eq=False)
 class CircularGeometry:
     """Shared part of :class:`ConeBeamGeometry` and :class:`ParallelBeamGeometry` (not used directly).
@@ -86,6 +111,8 @@ class CircularGeometry:
         angles: ``[V]`` float64 gantry angles in radians (any count, any arc).
         det_offset: ``(row_mm, col_mm)`` shift of the detector along ``v`` and ``u``.
         vol_offset: ``(z, y, x)`` mm shift of the volume centre from the isocentre.
+        poses: optional ``[V, 4, 4]`` float64 rigid transforms (gantry frame -> world, mm) applied to each
+            view's source and detector after the circular placement; ``None`` is the ideal orbit.
     """
 
     det_shape: tuple[int, int]
@@ -95,6 +122,7 @@ class CircularGeometry:
     angles: Tensor
     det_offset: tuple[float, float] = (0.0, 0.0)
     vol_offset: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    poses: Tensor | None = None
 
     kind: ClassVar[str] = "circular"
     is_cone: ClassVar[bool] = False
@@ -107,6 +135,7 @@ class CircularGeometry:
         self.det_offset = _floats("det_offset", self.det_offset, 2, False)  # type: ignore[assignment]
         self.vol_offset = _floats("vol_offset", self.vol_offset, 3, False)  # type: ignore[assignment]
         self.angles = _angles(self.angles)
+        self.poses = _poses(self.poses, self.num_views)
 
     # ------------------------------------------------------------------ basic properties
     @property
@@ -164,9 +193,20 @@ class CircularGeometry:
     def _detector_center(self, e_s: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def source_positions(self) -> Tensor:
-        """``[V, 3]`` float64 source points (cone beam); for parallel beam the ray direction ``-e_s``."""
+    def _gantry_source(self, e_s: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def _posed(self, x: Tensor, is_point: bool) -> Tensor:
+        """Apply the per-view poses to ``[V, 3]`` points (rotation + translation) or directions."""
+        if self.poses is None:
+            return x
+        out = torch.einsum("vij,vj->vi", self.poses[:, :3, :3], x)
+        return out + self.poses[:, :3, 3] if is_point else out
+
+    def source_positions(self) -> Tensor:
+        """``[V, 3]`` float64 source points (cone beam); for parallel beam the unit ray direction."""
+        e_s, _, _ = self._frames()
+        return self._posed(self._gantry_source(e_s), self.is_cone)
 
     def vectors(self, downsample: int = 1) -> Tensor:
         """``[V, 12]`` float64 ASTRA-style per-view vectors ``(src, d00, du, dv)``.
@@ -180,6 +220,7 @@ class CircularGeometry:
         centre = self._detector_center(e_s) + self.det_offset[1] * u + self.det_offset[0] * v
         du, dv = col_mm * u, row_mm * v
         d00 = centre - (cols - 1) / 2.0 * du - (rows - 1) / 2.0 * dv
+        d00, du, dv = self._posed(d00, True), self._posed(du, False), self._posed(dv, False)
         return torch.cat((self.source_positions(), d00, du, dv), dim=-1)
 
     def _view_ids(self, view_ids: Any) -> Tensor:
@@ -243,7 +284,10 @@ class CircularGeometry:
         zeros = torch.zeros(n, 1, dtype=torch.float64)
         col_row = torch.cat((u / col_mm, zeros), dim=-1) + c0 * w_row
         row_row = torch.cat((v / row_mm, zeros), dim=-1) + r0 * w_row
-        return torch.stack((col_row, row_row, w_row), dim=1)
+        mats = torch.stack((col_row, row_row, w_row), dim=1)
+        if self.poses is not None:
+            mats = mats @ torch.linalg.inv(self.poses)  # world -> gantry frame first
+        return mats
 
     def _w_row(self, e_s: Tensor) -> Tensor:
         raise NotImplementedError
@@ -258,6 +302,7 @@ class CircularGeometry:
             "angles": self.angles.tolist(),
             "det_offset": list(self.det_offset),
             "vol_offset": list(self.vol_offset),
+            "poses": None if self.poses is None else self.poses.tolist(),
         }
 
     def replace(self, **changes: Any) -> CircularGeometry:
@@ -269,7 +314,7 @@ class CircularGeometry:
     def subset(self, view_ids: Any) -> CircularGeometry:
         """The geometry restricted to ``view_ids`` (in that order)."""
         ids = self._view_ids(view_ids)
-        return self.replace(angles=self.angles[ids])
+        return self.replace(angles=self.angles[ids], poses=None if self.poses is None else self.poses[ids])
 
     def downsampled(self, downsample: int) -> CircularGeometry:
         """The same detector area sampled by ``rows // k x cols // k`` pixels ``k`` times larger."""
@@ -311,7 +356,7 @@ class ConeBeamGeometry(CircularGeometry):
     Args:
         dso: source-to-origin (isocentre) distance, mm.
         dsd: source-to-detector distance, mm (``> dso``).
-        det_shape, det_spacing, vol_shape, vol_spacing, angles, det_offset, vol_offset: see
+        det_shape, det_spacing, vol_shape, vol_spacing, angles, det_offset, vol_offset, poses: see
             :class:`CircularGeometry`.
 
     Raises:
@@ -337,11 +382,13 @@ class ConeBeamGeometry(CircularGeometry):
         angles: Any,
         det_offset: Sequence[float] = (0.0, 0.0),
         vol_offset: Sequence[float] = (0.0, 0.0, 0.0),
+        poses: Any = None,
     ) -> None:
         self.dso, self.dsd = float(dso), float(dsd)
         self.det_shape, self.det_spacing = det_shape, det_spacing  # type: ignore[assignment]
         self.vol_shape, self.vol_spacing = vol_shape, vol_spacing  # type: ignore[assignment]
         self.angles, self.det_offset, self.vol_offset = angles, det_offset, vol_offset  # type: ignore[assignment]
+        self.poses = poses
         self.__post_init__()
 
     def __post_init__(self) -> None:
@@ -371,8 +418,7 @@ class ConeBeamGeometry(CircularGeometry):
     def _detector_center(self, e_s: Tensor) -> Tensor:
         return -(self.dsd - self.dso) * e_s
 
-    def source_positions(self) -> Tensor:
-        e_s, _, _ = self._frames()
+    def _gantry_source(self, e_s: Tensor) -> Tensor:
         return self.dso * e_s
 
     def _rays64(self, view_ids: Any, downsample: int) -> tuple[Tensor, Tensor]:
@@ -411,24 +457,24 @@ class ParallelBeamGeometry(CircularGeometry):
         angles: Any,
         det_offset: Sequence[float] = (0.0, 0.0),
         vol_offset: Sequence[float] = (0.0, 0.0, 0.0),
+        poses: Any = None,
     ) -> None:
         self.det_shape, self.det_spacing = det_shape, det_spacing  # type: ignore[assignment]
         self.vol_shape, self.vol_spacing = vol_shape, vol_spacing  # type: ignore[assignment]
         self.angles, self.det_offset, self.vol_offset = angles, det_offset, vol_offset  # type: ignore[assignment]
+        self.poses = poses
         self.__post_init__()
 
     def _detector_center(self, e_s: Tensor) -> Tensor:
         return torch.zeros_like(e_s)
 
-    def source_positions(self) -> Tensor:
-        e_s, _, _ = self._frames()
+    def _gantry_source(self, e_s: Tensor) -> Tensor:
         return -e_s
 
     def _rays64(self, view_ids: Any, downsample: int) -> tuple[Tensor, Tensor]:
         ids = self._view_ids(view_ids)
         pix = self.pixel_centers(ids, downsample)
-        e_s, _, _ = self._frames()
-        return pix, (-e_s[ids])[:, None, None, :].expand_as(pix).contiguous()
+        return pix, self.source_positions()[ids][:, None, None, :].expand_as(pix).contiguous()
 
     def _w_row(self, e_s: Tensor) -> Tensor:
         w = torch.zeros(e_s.shape[0], 4, dtype=torch.float64)

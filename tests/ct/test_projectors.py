@@ -1,5 +1,7 @@
 """Voxel projectors vs exact chord lengths, adjointness, backend agreement, gradients, validation."""
 
+import math
+
 import pytest
 import torch
 
@@ -75,10 +77,20 @@ def test_adjointness_float32(kind, backend):
     torch.testing.assert_close(lhs, rhs, rtol=2e-6, atol=0.0)
 
 
+def tilted(geo):
+    """Per-view poses: small tilts about x and shifts (a wobbling gantry)."""
+    poses = torch.eye(4, dtype=torch.float64).repeat(geo.num_views, 1, 1)
+    for i in range(geo.num_views):
+        c, s = math.cos(0.1 * (i + 1)), math.sin(0.1 * (i + 1))
+        poses[i, 1:3, 1:3] = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+        poses[i, :3, 3] = torch.tensor([0.3 * i, -0.2, 0.4], dtype=torch.float64)
+    return geo.replace(poses=poses)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("kind", ["cone", "parallel"])
+@pytest.mark.parametrize("kind", ["cone", "parallel", "cone-posed"])
 def test_backends_agree(kind, dtype):
-    geo = small_geometry(kind)
+    geo = tilted(small_geometry("cone")) if kind == "cone-posed" else small_geometry(kind)
     gen = torch.Generator().manual_seed(1)
     x = torch.rand(2, 1, *geo.vol_shape, generator=gen, dtype=dtype)
     y = torch.rand(2, *geo.output_shape(), generator=gen, dtype=dtype)

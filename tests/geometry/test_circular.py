@@ -146,3 +146,50 @@ def test_from_json_rejects_wrong_class_and_garbage():
 def test_validation_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         cone(**kwargs)
+
+
+def rigid(angle_x: float, angle_z: float, shift) -> torch.Tensor:
+    cx, sx, cz, sz = math.cos(angle_x), math.sin(angle_x), math.cos(angle_z), math.sin(angle_z)
+    rx = torch.tensor([[1, 0, 0], [0, cx, -sx], [0, sx, cx]], dtype=torch.float64)
+    rz = torch.tensor([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]], dtype=torch.float64)
+    m = torch.eye(4, dtype=torch.float64)
+    m[:3, :3] = rz @ rx
+    m[:3, 3] = torch.tensor(shift, dtype=torch.float64)
+    return m
+
+
+def posed(make):
+    poses = torch.stack([rigid(0.05 * i, 0.1 - 0.03 * i, (i, -2.0 * i, 0.5)) for i in range(4)])
+    return make(poses=poses)
+
+
+@pytest.mark.parametrize("make", [cone, parallel])
+def test_posed_projection_matrices_map_ray_points_to_their_pixel(make):
+    geo = posed(make)
+    origins, dirs = geo.rays(dtype=torch.float64)
+    col, row = homogeneous_project(geo.projection_matrices(), origins + 321.0 * dirs)
+    torch.testing.assert_close(col, torch.arange(8, dtype=torch.float64).expand_as(col))
+    torch.testing.assert_close(row, torch.arange(6, dtype=torch.float64)[:, None].expand_as(row))
+    assert geometry_from_json(geo.to_json()) == geo
+    torch.testing.assert_close(geo.subset([3, 1]).poses, geo.poses[[3, 1]])
+
+
+@pytest.mark.parametrize("make", [cone, parallel])
+def test_rotation_pose_about_the_axis_equals_an_angle_shift(make):
+    phi = 0.3
+    rotated = make(poses=torch.stack([rigid(0.0, phi, (0.0, 0.0, 0.0))] * 4))
+    shifted = make(angles=[a + phi for a in COMMON["angles"]])
+    for a, b in zip(rotated.rays(dtype=torch.float64), shifted.rays(dtype=torch.float64)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(rotated.projection_matrices(), shifted.projection_matrices())
+    identity = make(poses=torch.eye(4, dtype=torch.float64).expand(4, 4, 4))
+    torch.testing.assert_close(identity.vectors(), make().vectors())
+
+
+def test_pose_validation():
+    bad = torch.eye(4, dtype=torch.float64).repeat(4, 1, 1)
+    bad[1, 0, 0] = 2.0
+    with pytest.raises(ValueError, match="rigid"):
+        cone(poses=bad)
+    with pytest.raises(ValueError, match=r"poses must have shape \[V=4, 4, 4\]"):
+        cone(poses=torch.eye(4).expand(3, 4, 4))
