@@ -4,8 +4,10 @@ Volumes are ``[B, 1, D, H, W]`` linear attenuation per mm on a geometry's grid (
 projections are ``[B, V, rows, cols]`` line integrals (see :mod:`medgauss.geometry`).
 """
 
+from medgauss.ct.dataset import CTReconstructionDataset, load_case
 from medgauss.ct.fdk import WINDOWS, angular_weights, fdk, filter_projections, ramp_filter
 from medgauss.ct.iterative import asd_pocs, sart, total_variation
+from medgauss.ct.prepare import PrepareConfig, prepare_dataset
 from medgauss.ct.projectors import back_project, forward_project
 from medgauss.ct.simulate import MU_WATER, ProjectionNoise, add_noise, hu_to_attenuation, simulate_projections
 
@@ -25,4 +27,8 @@ __all__ = [
     "sart",
     "asd_pocs",
     "total_variation",
+    "PrepareConfig",
+    "prepare_dataset",
+    "CTReconstructionDataset",
+    "load_case",
 ]
