@@ -15,13 +15,16 @@ so ``resume`` continues with exactly the losses an uninterrupted run would have 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -55,6 +58,25 @@ class TrainResult:
     wall_time_s: float
     resumed_from: Path | None = None
     summary: str = field(default="")
+
+
+def _warn_if_cpu_launch_collapsed(num_processes: int) -> None:
+    """Warn when ``accelerate launch --cpu --num_processes N`` (N > 1) started a single process.
+
+    Accelerate's simple launcher (used for ``--cpu`` without an MPI hostfile) runs ONE process and only
+    exports ``MASTER_ADDR``; real multi-process CPU training needs ``--multi_gpu`` (gloo on a CPU-only
+    machine) or ``torchrun --nproc_per_node N``.
+    """
+    env = os.environ
+    requested_many = "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+    if num_processes == 1 and requested_many and env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+        warnings.warn(
+            "accelerate launch --cpu --num_processes N started ONE process (Accelerate's simple launcher); "
+            "for N CPU processes use `accelerate launch --multi_gpu --num_processes N` (gloo when no GPU "
+            "is present) or `torchrun --nproc_per_node N`",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def loss_summary(losses: list[float], window: int | None = None) -> str:
@@ -94,6 +116,8 @@ class PretrainEngine:
         cpu: force CPU even when a GPU is present.
         progress: show a tqdm bar (main process only).
         tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (main process only).
+        record_samples: write ``run_dir/sample_ids_<first>-<last step>.json``: the sample ids each rank
+            trained on in this call (a data-order audit, e.g. to check per-rank sharding).
     """
 
     def __init__(
@@ -115,6 +139,7 @@ class PretrainEngine:
         cpu: bool = False,
         progress: bool = True,
         tensorboard: bool = True,
+        record_samples: bool = False,
     ) -> None:
         for name, value, low in (
             ("max_steps", max_steps, 1),
@@ -135,7 +160,9 @@ class PretrainEngine:
         self.grad_clip, self.seed, self.num_workers = grad_clip, seed, num_workers
         self.log_every, self.panel_every, self.checkpoint_every = log_every, panel_every, checkpoint_every
         self.resume, self.progress, self.tensorboard = resume, progress, tensorboard
+        self.record_samples = record_samples
         self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        _warn_if_cpu_launch_collapsed(self.accelerator.num_processes)
         set_seed(seed, device_specific=True)
         self.run_dir = self._shared_run_dir(run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_checkpoints)
@@ -225,11 +252,15 @@ class PretrainEngine:
             dynamic_ncols=True,
         )
         model.train()
+        first_step, seen = step + 1, []
         while step < self.max_steps:
             t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=acc.device)
             for micro in range(self.grad_accum_steps):
-                images = next(batches)["image"].to(acc.device, non_blocking=True)
+                batch = next(batches)
+                images = batch["image"].to(acc.device, non_blocking=True)
+                if self.record_samples:
+                    seen.extend(int(i) for i in batch["sample_id"])
                 last = micro == self.grad_accum_steps - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
                     with acc.autocast():
@@ -273,6 +304,8 @@ class PretrainEngine:
         bar.close()
         if writer is not None:
             writer.close()
+        if self.record_samples:
+            self._write_sample_ids(seen, first_step, step)
         export_dir = self._export(raw_model)
         summary = loss_summary(losses)
         self.print(summary)
@@ -306,6 +339,12 @@ class PretrainEngine:
             centres=pieces["centres"],
             title=f"step {step}",
         )
+
+    def _write_sample_ids(self, seen: list[int], first_step: int, last_step: int) -> None:
+        by_rank = gather_object([seen]) if self.accelerator.num_processes > 1 else [seen]
+        if self.is_main_process:
+            path = self.run_dir / f"sample_ids_{first_step:08d}-{last_step:08d}.json"
+            path.write_text(json.dumps({str(rank): ids for rank, ids in enumerate(by_rank)}))
 
     def _export(self, model: nn.Module) -> Path | None:
         """``save_pretrained`` into ``run_dir/model`` on the main process (atomic in the model's method)."""

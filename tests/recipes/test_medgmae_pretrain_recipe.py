@@ -1,0 +1,133 @@
+"""The Hydra recipe: config keys map onto constructors, a real short run (gmae_tiny, bundled CT) with
+resume, and a 2-process ``accelerate launch`` with no accelerate config sharing one run directory."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate.state import AcceleratorState, GradientState
+from hydra import compose, initialize_config_dir
+
+from medgauss.data import build_pretrain_dataset
+from medgauss.engines import CheckpointManager, PretrainEngine, build_optimizer
+from medgauss.nets import load_pretrained
+
+REPO = Path(__file__).resolve().parents[2]
+RECIPE = REPO / "recipes" / "medgmae_pretrain.py"
+CONF = REPO / "recipes" / "conf"
+# Small but real: gmae_tiny on 32^3 crops of the bundled CT (2x2x2 patches).
+SMALL = [
+    "model.img_size=32",
+    "trainer.batch_size=1",
+    "trainer.panel_every=0",
+    "trainer.progress=false",
+    "trainer.tensorboard=false",
+    "trainer.log_every=1",
+]
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="medgmae_pretrain", overrides=list(overrides))
+
+
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("medgmae_pretrain_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("data", ["bundled_ct", "decathlon", "nifti_folder", "phantom"])
+def test_config_keys_are_constructor_arguments(data):
+    cfg = _compose([f"data={data}"])
+    assert cfg.model.name == "gmae_tiny" and cfg.model.img_size == 96
+    assert cfg.optim.lr == 1e-4 and list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
+    assert cfg.trainer.seed == 41 and cfg.trainer.grad_clip == 1.0
+    assert set(cfg.trainer) <= set(inspect.signature(PretrainEngine).parameters)
+    assert set(cfg.optim) <= set(inspect.signature(build_optimizer).parameters) - {"model", "max_steps"}
+    assert set(cfg.data.dataset) <= set(inspect.signature(build_pretrain_dataset).parameters) - {"datalist"}
+    target = cfg.data.datalist["_target_"]
+    module, name = target.rsplit(".", 1)
+    builder = getattr(importlib.import_module(module), name)
+    assert set(cfg.data.datalist) - {"_target_"} <= set(inspect.signature(builder).parameters)
+
+
+def test_short_run_then_resume_continues_the_same_run(tmp_path):
+    recipe = _recipe_module()
+    run_dir = tmp_path / "run"
+    first = recipe.run(
+        _compose([*SMALL, f"trainer.run_dir={run_dir}", "trainer.max_steps=2", "trainer.checkpoint_every=1"])
+    )
+    assert len(first.losses) == 2 and all(0.0 < v < 1.0 for v in first.losses)
+    saved = (run_dir / "config.yaml").read_text()
+    assert "name: gmae_tiny" in saved and str(run_dir) in saved
+    exported = load_pretrained(run_dir / "model")
+    assert type(exported).__name__ == "GaussianMAE"
+    assert CheckpointManager(run_dir).latest().name == "step_00000002"
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    more = recipe.run(_compose([*SMALL, f"trainer.run_dir={run_dir}", "trainer.max_steps=3", "trainer.resume=latest"]))
+    assert more.resumed_from.name == "step_00000002"
+    assert more.losses[:2] == first.losses and len(more.losses) == 3
+
+
+def test_two_process_launch_without_accelerate_config_shares_one_run_dir(tmp_path):
+    home = tmp_path / "home"  # fresh HOME: no ~/.cache/huggingface/accelerate/default_config.yaml
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_CONFIG_FILE", None)
+    # `--multi_gpu` on a machine without GPUs = multi-process CPU (gloo); `--cpu --num_processes 2`
+    # would start a single process (Accelerate's simple launcher).
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(RECIPE),
+        *SMALL,
+        "model.name=vmae_tiny",
+        "trainer.max_steps=2",
+        "trainer.batch_size=2",
+        "trainer.record_samples=true",
+        "trainer.cpu=true",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    # The default run_dir is timestamped and resolved by each rank; still exactly one run dir exists.
+    runs = list((tmp_path / "runs" / "medgmae_pretrain").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert (run / "config.yaml").is_file() and (run / "model" / "config.json").is_file()
+    ckpt = CheckpointManager(run).latest()
+    assert {p.name for p in ckpt.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    ids = json.loads((run / "sample_ids_00000001-00000002.json").read_text())
+    assert set(ids) == {"0", "1"} and len(ids["0"]) == len(ids["1"]) == 4
+    assert not set(ids["0"]) & set(ids["1"])  # each rank trains on its own samples
+    assert sorted(ids["0"] + ids["1"]) == list(range(8))
+    assert "world size 2" in out and "masked-region loss: start" in out
+
+
+def test_single_process_cpu_launch_is_flagged(monkeypatch, tmp_path):
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.warns(RuntimeWarning, match="started ONE process"):
+        PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True)
