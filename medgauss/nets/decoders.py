@@ -20,16 +20,24 @@ HEAD_BIAS_INIT = {"center": 0.0, "scale": -1.386, "rotation": 0.0, "intensity": 
 class GaussianHeads(nn.Module):
     """Four linear heads from query features ``[B, N, dim]`` to Gaussian parameters.
 
-    centre ``sigmoid`` (normalised coordinates in ``(0, 1)``), scale ``sigmoid * max_scale`` (fraction
-    of the crop edge), rotation L2-normalised quaternion (w, x, y, z), intensity ``sigmoid``.
-    Weights Xavier-uniform, biases :data:`HEAD_BIAS_INIT`.
+    centre ``sigmoid`` (normalised coordinates in ``(0, 1)``), scale
+    ``min_scale + sigmoid * (max_scale - min_scale)`` (fraction of the crop edge), rotation
+    L2-normalised quaternion (w, x, y, z), intensity ``sigmoid``. Weights Xavier-uniform, biases
+    :data:`HEAD_BIAS_INIT`.
+
+    The floor ``min_scale`` keeps Gaussians from collapsing into sub-voxel needles: a saturated
+    sigmoid would otherwise give scales of 1e-5 whose float32 precision matrices are not even
+    positive definite (seen with the ``base`` decoder at initialisation, whose head inputs have
+    standard deviation ~1.4).
     """
 
-    def __init__(self, dim: int, max_scale: float) -> None:
+    def __init__(self, dim: int, max_scale: float, min_scale: float = 0.0) -> None:
         super().__init__()
-        if not max_scale > 0:
-            raise ValueError(f"max_scale must be positive, got {max_scale}")
+        if not 0.0 <= min_scale < max_scale:
+            raise ValueError(f"scales need 0 <= min_scale < max_scale, got min_scale={min_scale}, "
+                             f"max_scale={max_scale}")
         self.max_scale = float(max_scale)
+        self.min_scale = float(min_scale)
         self.center = nn.Linear(dim, 3)
         self.scale = nn.Linear(dim, 3)
         self.rotation = nn.Linear(dim, 4)
@@ -42,7 +50,7 @@ class GaussianHeads(nn.Module):
     def forward(self, features: Tensor) -> Gaussians:
         """``features [B, N, dim]`` -> :class:`Gaussians` with ``B x N`` entries (normalised coordinates)."""
         means = torch.sigmoid(self.center(features))
-        scales = torch.sigmoid(self.scale(features)) * self.max_scale
+        scales = self.min_scale + torch.sigmoid(self.scale(features)) * (self.max_scale - self.min_scale)
         quats = F.normalize(self.rotation(features), dim=-1, eps=1e-8)
         intensities = torch.sigmoid(self.intensity(features)).squeeze(-1)
         return Gaussians(means, scales, quats, intensities, validate=False)

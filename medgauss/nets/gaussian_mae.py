@@ -54,13 +54,15 @@ class GaussianMAE(PretrainedMixin, nn.Module):
         hidden_size, num_layers, num_heads, mlp_dim, qkv_bias, drop_path_rate: the :class:`ViT3D` encoder.
         decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio: the query decoder.
         num_queries: level-0 Gaussians ``N0``.
-        max_scale: upper bound of level-0 scales, as a fraction of the crop edge (init 0.2 of it).
+        max_scale: upper bound of level-0 scales, as a fraction of the crop edge (init ~0.2 of it).
         mask_ratio: fraction of patches hidden per sample.
         children_per_level: MedGMAE* children per level-0 Gaussian at levels 1, 2, ...
             (``()`` = plain MedGMAE).
         scale_offsets: ``delta_l`` per residual level (0.02, 0.05 for two levels).
-        sigma_scale, sigma_mean, sigma_intensity, sigma_rotation, min_scale: see
+        sigma_scale, sigma_mean, sigma_intensity, sigma_rotation: residual bounds, see
             :class:`medgauss.nets.hierarchy.ResidualLevels`.
+        min_scale: lower bound of every scale, all levels (fraction of the crop edge; 2e-3 is 0.2
+            voxel of a 96^3 crop): keeps Gaussians representable in float32.
 
     ``forward(images [B, C, D, H, W] in [0, 1]) -> GaussianMAEOutput``.
     """
@@ -82,7 +84,7 @@ class GaussianMAE(PretrainedMixin, nn.Module):
         self.mask_ratio = float(mask_ratio)
         self.decoder = GaussianQueryDecoder(hidden_size, self.encoder.grid_size, decoder_dim, decoder_depth,
                                             decoder_heads, num_queries, decoder_mlp_ratio)
-        self.heads = GaussianHeads(decoder_dim, max_scale)
+        self.heads = GaussianHeads(decoder_dim, max_scale, min_scale)
         children = tuple(children_per_level)
         if len(tuple(scale_offsets)) < len(children):
             raise ValueError(f"scale_offsets {tuple(scale_offsets)} needs one entry per residual level "

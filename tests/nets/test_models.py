@@ -95,11 +95,15 @@ def test_head_bias_and_weight_init():
     features = torch.zeros(1, 2, heads.center.in_features)
     g = heads(features)
     assert torch.allclose(g.means, torch.full_like(g.means, 0.5))
-    assert torch.allclose(g.scales, torch.full_like(g.scales, torch.sigmoid(torch.tensor(-1.386)) * 0.1))
+    initial = 2e-3 + torch.sigmoid(torch.tensor(-1.386)) * (0.1 - 2e-3)  # min + sigmoid * (max - min)
+    assert torch.allclose(g.scales, torch.full_like(g.scales, initial.item()))
     assert torch.allclose(g.intensities, torch.full_like(g.intensities, torch.sigmoid(torch.tensor(-0.405))))
     g = heads(torch.randn(1, 5, heads.center.in_features))
     assert torch.allclose(g.quats.norm(dim=-1), torch.ones(1, 5))
     assert (g.scales < 0.1).all() and (g.scales > 0).all()
+    g = heads(1e3 * torch.randn(1, 50, heads.center.in_features))  # saturated sigmoids stay in bounds
+    assert (g.scales >= 2e-3).all() and (g.scales <= 0.1).all()
+    assert g.scales.min() < 2.1e-3 and g.scales.max() > 0.099
 
 
 def test_max_scale_is_configurable():
@@ -137,6 +141,7 @@ def test_bad_images_raise_value_error_naming_images(model_cls):
     (dict(img_size=16, patch_size=0), "patch_size"),
     (dict(img_size=16, patch_size=4, mask_ratio=1.0), "mask_ratio"),
     (dict(img_size=16, patch_size=4, hidden_size=25), "divisible by num_heads"),
+    (dict(img_size=16, patch_size=4, min_scale=0.2, max_scale=0.1), "min_scale"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     base = dict(hidden_size=24, num_layers=1, num_heads=2, mlp_dim=48, decoder_dim=12, decoder_depth=1,
