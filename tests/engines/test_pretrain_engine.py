@@ -157,3 +157,9 @@ def test_resume_errors_are_explicit(tmp_path, tiny_dataset):
 def test_engine_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         PretrainEngine(**{"run_dir": tmp_path, "max_steps": 1, "cpu": True, **kwargs})
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_dataset):
+    result, model = _train(tmp_path / "bf16", tiny_dataset, max_steps=2, mixed_precision="bf16")
+    assert len(result.losses) == 2 and all(0.0 < v < 10.0 for v in result.losses)
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 master
