@@ -6,6 +6,8 @@ Patches are numbered in C order over the patch grid ``(gd, gh, gw)``, the order 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -43,23 +45,35 @@ def mask_to_volume(mask: Tensor, grid_size: tuple[int, int, int], patch_size: tu
     return vol
 
 
+@functools.lru_cache(maxsize=8)
+def _patch_voxel_table(grid_size: tuple[int, int, int], patch_size: tuple[int, int, int],
+                       device: torch.device) -> Tensor:
+    """``[L, pd*ph*pw, 3]`` int32 voxel indices of every patch, in patchify order (cached: one per grid)."""
+    gd, gh, gw = grid_size
+    patch = torch.tensor(patch_size, dtype=torch.int32)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(g, dtype=torch.int32) for g in grid_size], indexing="ij"),
+                       dim=-1).reshape(-1, 1, 3)
+    offsets = torch.stack(torch.meshgrid(*[torch.arange(p, dtype=torch.int32) for p in patch_size],
+                                         indexing="ij"), dim=-1).reshape(1, -1, 3)
+    return (grid * patch + offsets).to(device)
+
+
 def masked_voxel_indices(mask: Tensor, grid_size: tuple[int, int, int],
                          patch_size: tuple[int, int, int]) -> Tensor:
-    """Integer voxel indices ``[B, M, 3]`` (d, h, w) of every hidden voxel, int64.
+    """Integer voxel indices ``[B, M, 3]`` (d, h, w) of every hidden voxel, int32.
 
     Ordered patch by patch (hidden patches in increasing patch index), each patch's voxels in C
     order, i.e. the order of :func:`patchify` values. Every sample must hide the same number of
     patches (``random_masking`` guarantees it), so ``M = hidden patches * pd * ph * pw`` for all.
-    Built by broadcasting patch origins against in-patch offsets (no voxel-sized mask volume).
+    Rows are copied from a cached per-patch index table (contiguous copies; building the indices
+    by broadcasting costs ~20x more for the 10^6 indices of a 96^3 batch).
     """
     b = mask.shape[0]
     counts = mask.sum(dim=1)
     if b and not bool((counts == counts[0]).all()):
         raise ValueError(f"mask must hide the same number of patches in every sample, got {counts.tolist()}")
-    _, gh, gw = grid_size
-    hidden = torch.nonzero(mask)[:, 1].reshape(b, -1)  # [B, Lm], increasing per sample
-    patch = torch.tensor(patch_size, device=mask.device)
-    origin = torch.stack([hidden // (gh * gw), (hidden // gw) % gh, hidden % gw], dim=-1) * patch
-    axes = [torch.arange(p, device=mask.device) for p in patch_size]
-    offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # [P, 3]
-    return (origin[:, :, None, :] + offsets[None, None]).reshape(b, -1, 3)
+    table = _patch_voxel_table(tuple(grid_size), tuple(patch_size), mask.device)
+    if mask.shape[1] != table.shape[0]:
+        raise ValueError(f"mask has {mask.shape[1]} patches but grid_size {tuple(grid_size)} has {table.shape[0]}")
+    hidden = torch.nonzero(mask)[:, 1]  # [B * Lm], increasing per sample
+    return table.index_select(0, hidden).reshape(b, -1, 3)

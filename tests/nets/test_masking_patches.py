@@ -89,7 +89,7 @@ def test_mask_to_volume_and_voxel_indices():
                     index = ((d // 2) * 3 + h // 2) * 2 + w // 3
                     assert bool(vol[b, 0, d, h, w]) == bool(mask[b, index])
     idx = masked_voxel_indices(mask, grid, patch)
-    assert idx.shape == (2, 2 * 12, 3) and idx.dtype == torch.int64
+    assert idx.shape == (2, 2 * 12, 3) and idx.dtype == torch.int32
     for b in range(2):
         # the same voxels as the volume mask ...
         as_set = {tuple(v) for v in idx[b].tolist()}
