@@ -12,7 +12,7 @@ from medgauss.nets.blocks import init_linear_and_norm, sincos_pos_embed_3d, tran
 
 __all__ = ["GaussianHeads", "GaussianQueryDecoder", "PatchDecoder", "HEAD_BIAS_INIT"]
 
-# Initial head biases (centre, scale, rotation, intensity): sigmoid(-1.386) = 0.2 of max_scale,
+# Initial head biases (centre, scale, rotation, intensity): sigmoid(-1.386) = 0.2 of the scale range,
 # sigmoid(-0.405) = 0.4 intensity, centres at the volume centre before the Xavier-initialised weights act.
 HEAD_BIAS_INIT = {"center": 0.0, "scale": -1.386, "rotation": 0.0, "intensity": -0.405}
 
