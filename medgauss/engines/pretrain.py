@@ -236,10 +236,14 @@ class PretrainEngine:
             if state["world_size"] != acc.num_processes:
                 raise ValueError(
                     f"checkpoint {resumed_from} was written by {state['world_size']} processes; resuming "
-                    f"with "
-                    f"{acc.num_processes} would change the data order (relaunch with the same count)"
+                    f"with {acc.num_processes} would change the data order (relaunch with the same count)"
                 )
             self.print(f"resumed from {resumed_from} at step {state['step']}")
+            if state.get("max_steps", self.max_steps) != self.max_steps:
+                self.print(
+                    f"note: the restored learning-rate schedule is the checkpoint's (built for max_steps="
+                    f"{state['max_steps']}); training now runs to max_steps={self.max_steps}"
+                )
         losses: list[float] = list(state["losses"])
         step = int(state["step"])
         batches = iter(self._loader(dataset, int(state["samples_per_rank"])))
