@@ -202,6 +202,26 @@ def test_non_positive_definite_precision_is_rejected():
 # ----------------------------------------------------------------------------------- gradients
 
 
+@pytest.mark.parametrize("mode", ["dense", "float_points"])
+def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, mode):
+    """Work split into 1 or many concurrent ranges (private buffers in the point backward) agrees."""
+    rng = np.random.default_rng(7)
+    g = mixed_gaussians(rng, b=2)
+    points = None if mode == "dense" else torch.tensor(rng.uniform(0, 1, (2, 200, 3)))
+    cotangent = None
+    results = []
+    for threads in (1, 5):
+        monkeypatch.setattr(_numba, "_num_threads", lambda threads=threads: threads)
+        leaves = _leaves(g)
+        out = splat(Gaussians(*leaves), (9, 10, 11), points=points, cutoff=3.0, backend="numba")
+        cotangent = torch.randn(out.shape, dtype=out.dtype) if cotangent is None else cotangent
+        results.append((out, torch.autograd.grad((out * cotangent).sum(), leaves)))
+    (out_1, grads_1), (out_5, grads_5) = results
+    torch.testing.assert_close(out_5, out_1, rtol=0, atol=0)
+    for a, e in zip(grads_5, grads_1):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
 def _leaves(g: Gaussians) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in (g.means, g.scales, g.quats, g.intensities)]
 
