@@ -22,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numba
@@ -89,13 +90,15 @@ def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int, warmu
 
 def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = None,
         repeats: int | None = None, torch_max_n: int | None = None,
-        backends: list[str] | None = None, torch_repeats: int = 1) -> list[dict]:
+        backends: list[str] | None = None, torch_repeats: int = 1,
+        on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time every backend; one row per (N, backend, mode) with ``seconds`` and ``ratio_to_torch``.
 
     Args:
         quick: small sizes (512 / 2k Gaussians, 64^2 detector, 1 repeat).
         sizes, det, repeats, torch_max_n, backends: override the defaults of the chosen mode.
         torch_repeats: timed calls of the dense reference (no warm-up: nothing to compile).
+        on_row: called with the rows so far after each measurement (e.g. to save partial results).
     """
     sizes = sizes or ([512, 2048] if quick else [4096, 32768, 131072])
     det = det or (64 if quick else 256)
@@ -129,6 +132,8 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
                     row["ratio_to_torch"] = ref / row["seconds"]
                 rows.append(row)
                 print(f"  measured N={n} {name} {mode}: {row['seconds']}", file=sys.stderr, flush=True)
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -155,12 +160,17 @@ def main() -> None:
     parser.add_argument("--torch-repeats", type=int, default=1, help="timed calls of the dense reference")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
-    rows = run(args.quick, args.sizes, args.det, args.repeats, args.torch_max_n, args.backends, args.torch_repeats)
-    print(format_table(rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(torch_threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                 numba_threads=numba.get_num_threads(), quick=args.quick)
-    args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+    def save(rows: list[dict]) -> None:
+        args.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+
+    rows = run(args.quick, args.sizes, args.det, args.repeats, args.torch_max_n, args.backends,
+               args.torch_repeats, on_row=save)
+    save(rows)
+    print(format_table(rows))
     print(f"wrote {args.out}")
 
 

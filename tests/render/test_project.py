@@ -184,7 +184,7 @@ def test_float32_accurate_far_from_origin():
 
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_gradcheck_torch(kind):
-    geo = GEOMETRIES[kind](det=(4, 5), views=2)
+    geo = GEOMETRIES[kind](det=(3, 4), spacing=(8.0, 7.0), views=2)
     g0 = some_gaussians(b=1, n=2, seed=7)
 
     def fn(means, scales, quats, inten):

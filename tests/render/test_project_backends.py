@@ -53,9 +53,9 @@ def mixed_gaussians(b=2, dtype=torch.float64, seed=0) -> Gaussians:
     return Gaussians(means, scales, quats, inten).to(dtype)
 
 
-def forward_and_grads(g: Gaussians, geo, backend, cutoff, cotangent):
+def forward_and_grads(g: Gaussians, geo, backend, cutoff, cotangent, view_ids=None):
     params = [t.detach().clone().requires_grad_(True) for t in (g.means, g.scales, g.quats, g.intensities)]
-    out = project(Gaussians(*params, validate=False), geo, cutoff=cutoff, backend=backend)
+    out = project(Gaussians(*params, validate=False), geo, cutoff=cutoff, backend=backend, view_ids=view_ids)
     grads = torch.autograd.grad((out * cotangent).sum(), params)
     return out.detach(), grads
 
@@ -68,18 +68,22 @@ def assert_close_scaled(actual, expected, dtype):
 
 PARITY_CASES = [(b, k, d, c) for b in ("numba",) for k in GEOMETRIES for d in (torch.float64, torch.float32)
                 for c in (3.0, None)]
+# Triton's interpreter is slow: fewer cases, view 0 only (it holds the special Gaussians; several views
+# are covered by test_view_subset_and_empty).
 PARITY_CASES += [("triton", "cone", torch.float64, 3.0), ("triton", "cone", torch.float32, None),
-                 ("triton", "parallel", torch.float64, None), ("triton", "parallel", torch.float32, 2.0)]
+                 ("triton", "parallel", torch.float32, 2.0)]
 
 
 @pytest.mark.parametrize("backend, kind, dtype, cutoff", PARITY_CASES)
 def test_forward_and_grad_parity_with_reference(backend, kind, dtype, cutoff):
     geo = GEOMETRIES[kind]()
     g = mixed_gaussians(dtype=dtype)
-    cot = torch.randn(2, len(ANGLES), 18, 21, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    view_ids = [0] if backend == "triton" else None
+    views = 1 if view_ids else len(ANGLES)
+    cot = torch.randn(2, views, 18, 21, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cot = cot.to(dtype)
-    ref_out, ref_grads = forward_and_grads(g, geo, "torch", cutoff, cot)
-    out, grads = forward_and_grads(g, geo, backend, cutoff, cot)
+    ref_out, ref_grads = forward_and_grads(g, geo, "torch", cutoff, cot, view_ids)
+    out, grads = forward_and_grads(g, geo, backend, cutoff, cot, view_ids)
     assert out.dtype == dtype and out.shape == ref_out.shape
     assert ref_out.abs().max() > 1.0  # something is in view
     assert_close_scaled(out, ref_out, dtype)
@@ -106,7 +110,7 @@ def test_view_subset_and_empty(backend):
 
 @pytest.mark.parametrize("kind", GEOMETRIES)
 def test_gradcheck_numba(kind):
-    geo = GEOMETRIES[kind](det=(4, 5), spacing=(12.0, 10.0))
+    geo = GEOMETRIES[kind](det=(3, 4), spacing=(16.0, 13.0))
     g0 = mixed_gaussians(b=1)[:, [0, 2]]
 
     def fn(means, scales, quats, inten):
