@@ -20,6 +20,7 @@ from medgauss.render.xray import TILE_SHAPE, footprints, tile_rects
 
 
 def _f64(t: Tensor) -> np.ndarray:
+    """A contiguous float64 numpy copy (or view) of ``t`` for the kernels."""
     return np.ascontiguousarray(t.detach().cpu().to(torch.float64).numpy())
 
 
@@ -60,13 +61,14 @@ class _ProjectNumba(torch.autograd.Function):
         return torch.from_numpy(out).to(means.dtype)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
         origins, directions, modes, means, prec, intens = ctx.arrays
         g_means = np.empty_like(means)
         g_prec = np.empty_like(prec)
         g_int = np.empty_like(intens)
-        kernels.backward(origins, directions, modes, means, prec, intens, ctx.box, ctx.conic, _cutoff_sq(ctx.cutoff),
-                         _f64(grad_out), g_means, g_prec, g_int)
+        kernels.backward(origins, directions, modes, means, prec, intens, ctx.box, ctx.conic,
+                         _cutoff_sq(ctx.cutoff), _f64(grad_out), g_means, g_prec, g_int)
         to = lambda a: torch.from_numpy(a).to(ctx.dtype)
         return to(g_means), to(g_prec), to(g_int), None, None, None, None, None
 

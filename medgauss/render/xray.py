@@ -53,7 +53,7 @@ TILE_SHAPE = (16, 16)
 _FOOTPRINT_MARGIN_PX = 1e-2
 
 # Views x Gaussians evaluated at once when computing footprints (bounds temporary memory).
-_FOOTPRINT_CHUNK = 1 << 22
+_FOOTPRINT_CHUNK = 1 << 20
 
 
 def project(
