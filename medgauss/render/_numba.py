@@ -11,6 +11,7 @@ gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussi
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -272,14 +273,17 @@ def _num_threads() -> int:
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_PID = -1
 _POOL_LOCK = threading.Lock()
 
 
 def _pool() -> ThreadPoolExecutor:
-    global _POOL
+    """The worker pool of this process (a forked child, e.g. a data-loader worker, gets its own)."""
+    global _POOL, _POOL_PID
     with _POOL_LOCK:
-        if _POOL is None:
+        if _POOL is None or _POOL_PID != os.getpid():
             _POOL = ThreadPoolExecutor(max_workers=_num_threads(), thread_name_prefix="medgauss-numba")
+            _POOL_PID = os.getpid()
         return _POOL
 
 

@@ -14,6 +14,7 @@ zero cotangent in gradient comparisons.
 from __future__ import annotations
 
 import math
+import multiprocessing
 
 import numpy as np
 import pytest
@@ -197,6 +198,29 @@ def test_non_positive_definite_precision_is_rejected():
     prec6 = torch.tensor([[[1.0, 1.0, 1.0, 2.0, 0.0, 0.0]]], dtype=torch.float64)  # eigenvalue -1
     with pytest.raises(ValueError, match="not positive definite"):
         _numba._prepare(means, prec6, torch.ones(1, 1, dtype=torch.float64), (4, 4, 4), 9.0)
+
+
+def _splat_in_child(g: Gaussians, connection) -> None:
+    connection.send(splat(g, (6, 7, 8), backend="numba").numpy())  # plain array: no shared memory
+    connection.close()
+
+
+def test_works_in_a_forked_child_after_use_in_the_parent():
+    """Data-loader workers fork: the child must not wait on the parent's (absent) pool threads."""
+    g = random_gaussians(np.random.default_rng(8), 1, 4, log_scale=(math.log(0.1), math.log(0.3)))
+    expected = splat(g, (6, 7, 8), backend="numba")  # creates the worker pool in this process
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_splat_in_child, args=(g, sender))
+    child.start()
+    try:
+        assert receiver.poll(120), "the forked child did not answer"
+        np.testing.assert_array_equal(receiver.recv(), expected.numpy())
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
 
 
 # ----------------------------------------------------------------------------------- gradients
