@@ -28,7 +28,7 @@ __all__ = ["forward_project", "back_project"]
 _EPS = 1e-12
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _ray_setup(vec, v, r, c, is_cone, org, sp, n0, n1, n2):
     """Index-space ray of pixel (r, c) of view v, clipped to the interpolation support.
 
@@ -85,7 +85,7 @@ def _ray_setup(vec, v, r, c, is_cone, org, sp, n0, n1, n2):
     return k0, k1, a, b, cc, o[a], d[a], o[b], d[b], o[cc], d[cc], weight
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _interior_range(k0, k1, oa, da, o, d, lo, hi, margin):
     """Planes ``k`` in ``[k0, k1]`` where ``p = o + (k - oa) d / da`` lies in ``[lo + margin, hi - 1 - margin]``,
     i.e. where both bilinear neighbours ``floor(p)`` and ``floor(p) + 1`` lie in ``[lo, hi)`` (no bounds
@@ -107,7 +107,7 @@ def _interior_range(k0, k1, oa, da, o, d, lo, hi, margin):
     return first, last
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _sample_checked(vol, bi, base, ib, ic, fb, fc, nbsz, ncsz, sb, sc):
     acc = 0.0
     if ib >= 0 and ib < nbsz:
