@@ -102,7 +102,7 @@ def test_two_process_launch_without_accelerate_config_shares_one_run_dir(tmp_pat
         "no",
         str(RECIPE),
         *SMALL,
-        "model.name=vmae_tiny",
+        "model=vmae_tiny",
         "trainer.max_steps=2",
         "trainer.batch_size=2",
         "trainer.record_samples=true",
