@@ -173,3 +173,13 @@ def test_gaussians_stay_float32_under_bf16_autocast():
         out = model(torch.rand(1, 1, 16, 16, 16))
     assert out.gaussians.dtype == torch.float32
     assert out.gaussians.scales.dtype == out.gaussians.intensities.dtype == torch.float32
+
+
+def test_initial_gaussians_spread_over_the_volume():
+    # Regression: near-identical queries decode to one cluster of Gaussians whose overlap overshoots
+    # the target, and training then switches every Gaussian off instead of fitting the volume.
+    torch.manual_seed(0)
+    model = small_model("gmae_tiny", num_queries=64)
+    with torch.no_grad():
+        g = model(torch.rand(2, 1, 16, 16, 16)).gaussians
+    assert (g.means.std(dim=1) > 0.18).all()  # uniform on [0, 1] has 0.29
