@@ -20,6 +20,7 @@ from medgauss.nets.masking import num_masked_patches, random_masking
 from medgauss.nets.patches import mask_to_volume
 from medgauss.nets.pretrained import PretrainedMixin, config_from_locals
 from medgauss.nets.vit3d import ViT3D
+from medgauss.render import splat
 
 __all__ = ["GaussianMAE", "GaussianMAEOutput"]
 
@@ -126,8 +127,6 @@ class GaussianMAE(PretrainedMixin, nn.Module):
                     backend: str = "auto") -> Tensor:
         """Dense splat of ``out.gaussians`` on the voxel grid of ``images_shape`` (``[B, C, D, H, W]`` or
         ``(D, H, W)``) -> ``[B, 1, D, H, W]``."""
-        from medgauss.render import splat
-
         return splat(out.gaussians, tuple(images_shape)[-3:], backend=backend)
 
     def mask_to_volume(self, mask: Tensor) -> Tensor:
