@@ -58,19 +58,25 @@ def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int
         raise ValueError(f"points must have shape [B={b}, M, 3], got {tuple(points.shape)}")
     if points.device != gaussians.device:
         raise ValueError(f"points is on {points.device} but gaussians are on {gaussians.device}")
-    sizes = torch.tensor(shape, device=points.device)
-    if points.is_floating_point():
-        if not bool(torch.isfinite(points).all()):
-            raise ValueError("points contains non-finite values (NaN or inf)")
-        if points.numel() and not bool(((points >= 0) & (points <= 1)).all()):
-            raise ValueError("float points are normalised coordinates and must lie in [0, 1]; got range "
-                             f"[{points.min().item():.4g}, {points.max().item():.4g}]")
-        return points.to(gaussians.dtype)
     if points.dtype == torch.bool or points.is_complex():
         raise ValueError(f"points must be float (normalised) or integer (voxel indices), got {points.dtype}")
-    if points.numel() and not bool(((points >= 0) & (points < sizes)).all()):
+    sizes = torch.tensor(shape, device=points.device)
+    if points.numel() == 0:
+        return points.to(gaussians.dtype)
+    # Whole-tensor min/max (NaN propagates into them) are ~20x cheaper than per-axis reductions over
+    # the strided last axis, which run only when the global bound cannot settle the question.
+    low, high = torch.aminmax(points)
+    if points.is_floating_point():
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise ValueError("points contains non-finite values (NaN or inf)")
+        if not bool((low >= 0) & (high <= 1)):
+            raise ValueError("float points are normalised coordinates and must lie in [0, 1]; got range "
+                             f"[{low.item():.4g}, {high.item():.4g}]")
+        return points.to(gaussians.dtype)
+    if not (bool(low >= 0) and (int(high) < min(shape) or bool((points.amax(dim=(0, 1)) < sizes).all()))):
         raise ValueError(f"integer points are voxel indices and must lie in [0, n-1] for shape {shape}; got "
-                         f"range [{points.min().item()}, {points.max().item()}]")
+                         f"per-axis minima {points.amin(dim=(0, 1)).tolist()} and maxima "
+                         f"{points.amax(dim=(0, 1)).tolist()}")
     return (points.to(gaussians.dtype) + 0.5) / sizes.to(gaussians.dtype)
 
 

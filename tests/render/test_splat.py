@@ -176,6 +176,9 @@ def good():
         (dict(points=torch.full((2, 5, 3), float("nan"))), "non-finite"),
         (dict(points=torch.full((2, 5, 3), 4, dtype=torch.long)), "voxel indices"),
         (dict(points=torch.full((2, 5, 3), -1, dtype=torch.long)), "voxel indices"),
+        (dict(points=torch.zeros(2, 5, 3, dtype=torch.bool)), "float \\(normalised\\) or integer"),
+        (dict(points=torch.tensor([[[0.5, float("inf"), 0.5]]]).expand(2, 1, 3)), "non-finite"),
+        (dict(points=torch.tensor([[[0, 4, 0]]]).expand(2, 1, 3)), "voxel indices"),
         (dict(backend="cuda"), "backend must be"),
     ],
 )
