@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -194,7 +195,7 @@ def bench_recon(data, affine, args) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- Gaussian rows
-def bench_gaussians(quick: bool) -> tuple[list[dict], str]:
+def bench_gaussians(quick: bool, torch_max_n: int | None) -> tuple[list[dict], str]:
     path = ROOT / "benchmarks" / "project_gaussians.py"
     if not path.is_file():
         return [], f"Gaussian projection rows missing: {path} does not exist"
@@ -203,14 +204,18 @@ def bench_gaussians(quick: bool) -> tuple[list[dict], str]:
     spec.loader.exec_module(module)
     if not hasattr(module, "run"):
         return [], f"Gaussian projection rows missing: {path} has no run(quick)"
-    return module.run(quick=quick), ""
+    kwargs = {}
+    if torch_max_n is not None and "torch_max_n" in inspect.signature(module.run).parameters:
+        kwargs["torch_max_n"] = torch_max_n
+    note = "" if not kwargs else f"(dense torch reference limited to N <= {torch_max_n})"
+    return module.run(quick=quick, **kwargs), note
 
 
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(forward: list[dict], recon: list[dict], gaussians: list[dict], note: str) -> None:
+def print_forward(forward: list[dict]) -> None:
     print("\nForward projection (example CT, cone beam)")
     print(f"{'case':<22} {'provider':<38} {'views':>5} {'s total':>9} {'s/view':>8} {'x vs peer':>9} {'rel diff':>9}")
     for r in forward:
@@ -221,12 +226,20 @@ def print_tables(forward: list[dict], recon: list[dict], gaussians: list[dict], 
         )
     print(
         "  (x vs peer: seconds per view of DiffDRR / this provider; rel diff: ||a - b|| / ||b|| against the "
-        "numba projection on the same views)"
+        "numba projection on the same views)",
+        flush=True,
     )
+
+
+def print_recon(recon: list[dict]) -> None:
     print("\nSparse-view reconstruction (example CT, noisy projections from the fine grid)")
     print(f"{'case':<18} {'method':<32} {'seconds':>8} {'PSNR dB':>8} {'SSIM':>7}")
     for r in recon:
         print(f"{r['case']:<18} {r['provider']:<32} {r['seconds']:>8.1f} {r['psnr_db']:>8.2f} {r['ssim_slices']:>7.4f}")
+    print("  (PSNR over the 3D volume, SSIM averaged over axial slices, data_range 1)", flush=True)
+
+
+def print_gaussians(gaussians: list[dict], note: str) -> None:
     print("\nGaussian X-ray projection (benchmarks/project_gaussians.py)")
     if note:
         print("  " + note)
@@ -253,6 +266,13 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--asd-iters", type=int, default=None)
     p.add_argument("--tv-iters", type=int, default=None)
     p.add_argument("--skip-gaussians", action="store_true")
+    p.add_argument(
+        "--gaussian-torch-max-n",
+        type=int,
+        default=None,
+        help="largest N for the dense torch reference in the Gaussian rows (default: 0 in full mode, where one "
+        "4k-Gaussian torch pass takes minutes on 2 busy cores; the script's own default in --quick)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "projectors.json")
     args = p.parse_args(argv)
     quick = args.quick
@@ -268,6 +288,8 @@ def parse(argv=None) -> argparse.Namespace:
         asd_iters=3 if quick else 10,
         tv_iters=5 if quick else 10,
     )
+    if args.gaussian_torch_max_n is None and not quick:
+        args.gaussian_torch_max_n = 0
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -277,25 +299,36 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse(argv)
     data, affine = load_ct(EXAMPLE_CT)
-    forward = bench_forward(data, affine, args)
-    recon = bench_recon(data, affine, args)
-    gaussians, note = ([], "skipped (--skip-gaussians)") if args.skip_gaussians else bench_gaussians(args.quick)
-    print_tables(forward, recon, gaussians, note)
     meta = dict(
         quick=args.quick,
         torch_threads=torch.get_num_threads(),
         numba_threads=numba.get_num_threads(),
         cpu_count=os.cpu_count(),
-        load_average=os.getloadavg(),
+        load_average_at_start=os.getloadavg(),
         torch=torch.__version__,
         args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        fov_mm=args.fov_mm,
         detector_pixel_mm=PrepareConfig(fov_mm=args.fov_mm, det_size=args.det).geometry().det_spacing[0],
-        note_gaussians=note,
     )
-    result = dict(meta=meta, forward=forward, recon=recon, gaussians=gaussians)
+    result = dict(meta=meta, forward=[], recon=[], gaussians=[])
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+
+    def save() -> None:  # after every section, so a long run that is stopped keeps what it measured
+        args.out.write_text(json.dumps(result, indent=2))
+
+    result["forward"] = bench_forward(data, affine, args)
+    print_forward(result["forward"])
+    save()
+    result["recon"] = bench_recon(data, affine, args)
+    print_recon(result["recon"])
+    save()
+    if args.skip_gaussians:
+        note = "skipped (--skip-gaussians)"
+    else:
+        result["gaussians"], note = bench_gaussians(args.quick, args.gaussian_torch_max_n)
+    meta["note_gaussians"] = note
+    print_gaussians(result["gaussians"], note)
+    meta["load_average_at_end"] = os.getloadavg()
+    save()
     print(f"\nwrote {args.out}")
     return result
 
