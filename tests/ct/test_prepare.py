@@ -37,9 +37,7 @@ def test_resample_is_exact_for_linear_images_with_flipped_permuted_affine():
         angles=[0.0],
     )
     out = resample_to_grid(image, affine, geo).double()
-    idx = torch.stack(
-        torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (6, 7, 8)], indexing="ij"), -1
-    )
+    idx = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in (6, 7, 8)], indexing="ij"), -1)
     pts = idx @ geo.volume_affine[:3, :3].T + geo.volume_affine[:3, 3] + torch.as_tensor(centre)
     expected = pts @ torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
     torch.testing.assert_close(out, expected, rtol=0, atol=2e-3)
@@ -93,11 +91,8 @@ def test_prepare_end_to_end_resumable(tmp_path):
     # resumable: finished cases are skipped, leftovers removed, an unfinished case folder redone
     stamp = (out / "case0" / "volume.npy").stat().st_mtime_ns
     (out / ".tmp-case1-dead").mkdir()
-    for name in ("meta.json",):
-        (out / "case1" / name).unlink()
-    prepare_dataset(
-        [tmp_path / "in" / "case0.nii.gz", tmp_path / "in" / "case1.nii.gz"], out, TINY, progress=False
-    )
+    (out / "case1" / "meta.json").unlink()  # as if the case had been interrupted before finishing
+    prepare_dataset([tmp_path / "in" / "case0.nii.gz", tmp_path / "in" / "case1.nii.gz"], out, TINY, progress=False)
     assert (out / "case0" / "volume.npy").stat().st_mtime_ns == stamp
     assert (out / "case1" / "meta.json").is_file() and not (out / ".tmp-case1-dead").exists()
     with pytest.raises(ValueError, match="other settings"):
@@ -122,9 +117,7 @@ def test_prepare_with_noise_and_two_workers(tmp_path):
     a, b = load_case(tmp_path / "out" / "case0"), load_case(tmp_path / "out" / "case1")
     clean = forward_project(torch.from_numpy(np.array(a["volume"]))[None, None], a["geometry"])[0]
     noisy = torch.from_numpy(np.array(a["projections"]))
-    assert not torch.allclose(noisy, clean) and float((noisy - clean).abs().mean()) < 0.5 * float(
-        clean.mean()
-    )
+    assert not torch.allclose(noisy, clean) and float((noisy - clean).abs().mean()) < 0.5 * float(clean.mean())
     assert a["meta"]["seed"] != b["meta"]["seed"]
 
 
