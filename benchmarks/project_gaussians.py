@@ -123,11 +123,9 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
                 elif name == "torch" and n > torch_max_n:
                     row["note"] = f"skipped: dense reference above --torch-max-n={torch_max_n}"
                 elif name == "torch":  # nothing to compile; one call (it is slow by design)
-                    row["seconds"] = time_backend(g, geo, name, mode, torch_repeats, warmup=False)
+                    row["seconds"] = ref = time_backend(g, geo, name, mode, torch_repeats, warmup=False)
                 else:
                     row["seconds"] = time_backend(g, geo, name, mode, repeats)
-                    if name == "torch":
-                        ref = row["seconds"]
                 if row["seconds"] is not None and ref is not None:
                     row["ratio_to_torch"] = ref / row["seconds"]
                 rows.append(row)
