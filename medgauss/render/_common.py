@@ -80,6 +80,18 @@ def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int
     return (points.to(gaussians.dtype) + 0.5) / sizes.to(gaussians.dtype)
 
 
+def points_to_normalized(points: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:
+    """Validated points as normalised coordinates ``[B, M, 3]`` of ``dtype``.
+
+    Float points are already normalised; integer voxel indices ``i`` map to ``(i + 0.5) / n``.
+    Backends that can use voxel indices directly (the numba gather route) skip this conversion.
+    """
+    if points.is_floating_point():
+        return points.to(dtype)
+    sizes = torch.tensor(shape, dtype=dtype, device=points.device)
+    return (points.to(dtype) + 0.5) / sizes
+
+
 def voxel_centers(shape: tuple[int, int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
     """Normalised centres ``[D*H*W, 3]`` of every voxel, in C (D, H, W) order."""
     axes = [(torch.arange(n, dtype=dtype, device=device) + 0.5) / n for n in shape]

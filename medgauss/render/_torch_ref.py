@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from medgauss.gaussians import Gaussians
-from medgauss.render._common import voxel_centers
+from medgauss.render._common import points_to_normalized, voxel_centers
 
 # Pairs evaluated per block (about 50 MB of float32 scratch, forward or backward).
 _BLOCK_PAIRS = 1 << 20
@@ -32,11 +32,15 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
           cutoff: float | None = 3.0) -> Tensor:
     """Reference for :func:`medgauss.render.splat` (arguments already validated there).
 
-    Returns ``[B, 1, D, H, W]`` without ``points``, else ``[B, M]`` at normalised ``points [B, M, 3]``.
+    Returns ``[B, 1, D, H, W]`` without ``points``, else ``[B, M]`` at ``points [B, M, 3]`` (normalised
+    floats, or integer voxel indices).
     """
     b, n = gaussians.batch_size, gaussians.num_gaussians
     dtype, device = gaussians.dtype, gaussians.device
-    x = voxel_centers(shape, dtype, device).expand(b, -1, -1) if points is None else points
+    if points is None:
+        x = voxel_centers(shape, dtype, device).expand(b, -1, -1)
+    else:
+        x = points_to_normalized(points, shape, dtype)
     m = x.shape[1]
     cutoff_sq = None if cutoff is None else cutoff * cutoff
     if n == 0 or m == 0:

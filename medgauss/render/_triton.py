@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from medgauss.gaussians import Gaussians
-from medgauss.render._common import half_extents, precision_upper
+from medgauss.render._common import half_extents, points_to_normalized, precision_upper
 from triton_kernels.splat import splat_tiles
 
 __all__ = ["splat"]
@@ -29,7 +29,7 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
         gaussians: ``B`` x ``N`` Gaussians in normalised coordinates, on CUDA (or CPU under
             ``TRITON_INTERPRET=1``); float32 / float64 (float16 / bfloat16 are computed in float32).
         shape: ``(D, H, W)`` of the volume.
-        points: optional normalised query points ``[B, M, 3]`` in ``[0, 1]``, the Gaussians' dtype.
+        points: optional query points ``[B, M, 3]``: normalised floats in ``[0, 1]`` or integer voxel indices.
         cutoff: strict Mahalanobis truncation radius, or ``None`` for every term.
 
     Returns:
@@ -38,7 +38,7 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
     b, out_dtype = gaussians.batch_size, gaussians.dtype
     if out_dtype in _HALF_DTYPES:
         gaussians = gaussians.to(torch.float32)
-        points = None if points is None else points.to(torch.float32)
+    points = None if points is None else points_to_normalized(points, shape, gaussians.dtype)
     values = splat_tiles(gaussians.means, precision_upper(gaussians), gaussians.intensities,
                          half_extents(gaussians, cutoff), shape, points=points, cutoff=cutoff)
     values = values.to(out_dtype)
