@@ -1,8 +1,9 @@
 """Numba CPU backend of :func:`medgauss.render.splat`: adapter between torch and the kernels.
 
 Torch computes, with autograd, the packed precision ``[B, N, 6]`` of the Gaussians; a
-``torch.autograd.Function`` takes ``(means, precision, intensities)``, runs the float64 kernels of
-:mod:`medgauss.render._numba_kernels` and returns the gradients of those three tensors, so the
+``torch.autograd.Function`` takes ``(means, precision, intensities)``, runs the kernels of
+:mod:`medgauss.render._numba_kernels` (float64, except the dense forward pass of float32 Gaussians,
+which uses the vectorised float32 kernel) and returns the gradients of those three tensors, so the
 gradients with respect to scales and quaternions follow from torch's chain rule. No kernel
 allocates anything of size voxels x N: memory is a few volumes (float64 output, upstream
 gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussian lists).
@@ -98,8 +99,7 @@ class _NumbaSplat(torch.autograd.Function):
         voxel_index = None if points is None else _voxel_centre_index(points, shape)
         if points is None or voxel_index is not None:
             slabs = _slab_ranges(prep, c2, shape[0])
-            out = np.zeros(b * math.prod(shape))
-            _run_ranges(kernels.dense_forward, b * shape[0], prep.params, *slabs, b, *shape, c2, out)
+            out = _dense_forward(prep, slabs, shape, c2, single=means.dtype == torch.float32)
             ctx.route, ctx.state = ("dense", slabs) if points is None else ("gather", (slabs, voxel_index))
             result = torch.from_numpy(out).reshape(b, 1, *shape) if points is None else \
                 torch.from_numpy(out[voxel_index]).reshape(b, -1)
@@ -137,6 +137,19 @@ class _NumbaSplat(torch.autograd.Function):
             return torch.from_numpy(a).reshape(b, -1, *tail).to(ctx.dtype)
 
         return as_tensor(grad_means, 3), as_tensor(grad_prec, 6), as_tensor(grad_int), None, None, None
+
+
+def _dense_forward(prep: _Prepared, slabs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int],
+                   c2: float, single: bool) -> np.ndarray:
+    """The volume ``[B*D*H*W]``: float32 (vectorised fast-exp kernel) when ``single``, else float64.
+
+    Float32 Gaussians get the float32 kernel, whose error (a few float32 ulps per term) is below
+    what their own rounding already costs; float64 Gaussians keep the exact float64 kernel.
+    """
+    kernel = kernels.dense_forward_f32 if single else kernels.dense_forward
+    out = np.zeros(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)
+    _run_ranges(kernel, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
+    return out
 
 
 def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarray | None:
