@@ -60,6 +60,16 @@ class TrainResult:
     summary: str = field(default="")
 
 
+def _check_world_size(num_processes: int) -> None:
+    """Raise if the launcher started ``WORLD_SIZE`` processes but they did not form one group."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise RuntimeError(
+            f"the launcher started WORLD_SIZE={launched} processes but Accelerate formed a group of "
+            f"{num_processes}; each rank would train alone into the same run directory"
+        )
+
+
 def _warn_if_cpu_launch_collapsed(num_processes: int) -> None:
     """Warn when ``accelerate launch --cpu --num_processes N`` (N > 1) started a single process.
 
@@ -113,7 +123,7 @@ class PretrainEngine:
         checkpoint_every: checkpoint every this many steps and at the last step (``0``: only the last step).
         keep_checkpoints: complete checkpoints kept (``0``: all).
         resume: ``None`` | ``"latest"`` | ``"auto"`` | checkpoint path (:meth:`CheckpointManager.resolve`).
-        cpu: force CPU even when a GPU is present.
+        cpu: force CPU even when a GPU is present (always CPU when no GPU is present).
         progress: show a tqdm bar (main process only).
         tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (main process only).
         record_samples: write ``run_dir/sample_ids_<first>-<last step>.json``: the sample ids each rank
@@ -161,7 +171,11 @@ class PretrainEngine:
         self.log_every, self.panel_every, self.checkpoint_every = log_every, panel_every, checkpoint_every
         self.resume, self.progress, self.tensorboard = resume, progress, tensorboard
         self.record_samples = record_samples
-        self.accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+        # Without a GPU, Accelerate forms a multi-process (gloo) group under torchrun / `accelerate launch
+        # --multi_gpu` only when told to use the CPU; otherwise every rank would train alone.
+        use_cpu = cpu or not torch.cuda.is_available()
+        self.accelerator = Accelerator(cpu=use_cpu, mixed_precision=mixed_precision)
+        _check_world_size(self.accelerator.num_processes)
         _warn_if_cpu_launch_collapsed(self.accelerator.num_processes)
         set_seed(seed, device_specific=True)
         self.run_dir = self._shared_run_dir(run_dir)

@@ -106,7 +106,6 @@ def test_two_process_launch_without_accelerate_config_shares_one_run_dir(tmp_pat
         "trainer.max_steps=2",
         "trainer.batch_size=2",
         "trainer.record_samples=true",
-        "trainer.cpu=true",
     ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     out = proc.stdout + proc.stderr
@@ -131,3 +130,12 @@ def test_single_process_cpu_launch_is_flagged(monkeypatch, tmp_path):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(RuntimeWarning, match="started ONE process"):
         PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True)
+
+
+def test_ranks_that_fail_to_form_one_group_are_refused(monkeypatch):
+    from medgauss.engines.pretrain import _check_world_size
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .* group of 1"):
+        _check_world_size(1)
+    _check_world_size(2)
