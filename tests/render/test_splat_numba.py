@@ -21,9 +21,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numba import njit
 
 from medgauss.gaussians import Gaussians
 from medgauss.render import _numba, splat
+from medgauss.render._fast_exp import FASTMATH, fast_exp_f32
 
 # ----------------------------------------------------------------------------------- references
 
@@ -118,12 +120,52 @@ def test_dense_matches_brute_force(cutoff, shape):
     _assert_close(out.reshape(2, -1), expected, 1e-11, "dense float64", keep=~ambiguous)
 
 
-def test_dense_float32_matches_brute_force():
+@pytest.mark.parametrize("cutoff", [3.0, None])
+@pytest.mark.parametrize("shape", [(9, 8, 11), (6, 5, 23)])  # rows shorter / longer than a vector block
+def test_dense_float32_matches_brute_force(cutoff, shape):
     g = mixed_gaussians(np.random.default_rng(1), b=2, dtype=torch.float32)
-    out = splat(g, (9, 8, 11), cutoff=3.0, backend="numba")
+    out = splat(g, shape, cutoff=cutoff, backend="numba")
     assert out.dtype == torch.float32
-    expected, ambiguous = brute_force(g, (9, 8, 11), 3.0, rel_band=1e-4)
+    expected, ambiguous = brute_force(g, shape, cutoff, rel_band=1e-4)
     _assert_close(out.reshape(2, -1), expected, 1e-5, "dense float32", keep=~ambiguous)
+
+
+def test_dense_float32_covers_exactly_the_float64_pairs():
+    """The float32 kernel finds its chords by its own (vectorised) route: same voxels inside as float64."""
+    rng = np.random.default_rng(11)
+    g64 = random_gaussians(rng, 1, 40, log_scale=(math.log(0.02), math.log(0.4)))
+    g64 = Gaussians(g64.means, g64.scales, g64.quats, g64.intensities.abs() + 0.1)  # no cancellation
+    for i in range(40):  # one Gaussian at a time: a voxel is non-zero exactly when it is inside
+        one = g64[:, [i]]
+        inside64 = splat(one, (13, 17, 19), cutoff=2.5, backend="numba") != 0
+        inside32 = splat(one.to(torch.float32), (13, 17, 19), cutoff=2.5, backend="numba") != 0
+        assert torch.equal(inside32, inside64), f"Gaussian {i}"
+
+
+def test_fast_exp_f32_within_two_ulps():
+    """The vectorisable float32 exp against float64 exp over every argument the kernels use.
+
+    Arguments are -q/2 for 0 <= q <= 1500 (cutoff=None); below ln(smallest normal) results are
+    flushed to zero (absolute error at most the smallest normal float32).
+    """
+    x = np.concatenate([-np.linspace(0.0, 750.0, 1_500_001), -np.linspace(0.0, 1.0, 100_001),
+                        [-87.33654, -87.3366, -103.9, -104.0]]).astype(np.float32)
+    actual = _fast_exp_values(x).astype(np.float64)
+    exact = np.exp(x.astype(np.float64))
+    tiny = float(np.finfo(np.float32).tiny)
+    normal = exact >= tiny
+    ulps = np.abs(actual - exact)[normal] / np.spacing(exact[normal].astype(np.float32)).astype(np.float64)
+    assert ulps.max() <= 2.0, f"max error {ulps.max():.2f} ulps at x={x[normal][ulps.argmax()]}"
+    assert np.abs(actual - exact)[~normal].max() <= tiny
+    assert actual[0] == 1.0 and (actual[x < -88.0] == 0.0).all()
+
+
+@njit(fastmath=FASTMATH)
+def _fast_exp_values(x: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x)
+    for i in range(x.shape[0]):
+        out[i] = fast_exp_f32(x[i])
+    return out
 
 
 def test_single_gaussian_analytic_values():
