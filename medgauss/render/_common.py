@@ -45,11 +45,13 @@ def check_gaussians(gaussians: object) -> Gaussians:
     return gaussians
 
 
-def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int, int]) -> Tensor:
-    """Validate query ``points`` and return them as normalised float coordinates ``[B, M, 3]``.
+def check_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int, int]) -> Tensor:
+    """Validate query ``points [B, M, 3]`` and return them as backends receive them.
 
-    Float points are normalised coordinates and must lie in ``[0, 1]``; integer points are voxel
-    indices ``(d, h, w)`` and must lie in ``[0, n - 1]`` per axis (mapped to ``(i + 0.5) / n``).
+    Float points are normalised coordinates, must lie in ``[0, 1]`` and are returned in the
+    Gaussians' dtype; integer points are voxel indices ``(d, h, w)``, must lie in ``[0, n - 1]`` per
+    axis and are returned unchanged (backends map them with :func:`points_to_normalized`, or use
+    them as indices directly).
     """
     if not isinstance(points, Tensor):
         raise ValueError(f"points must be a torch.Tensor, got {type(points).__name__}")
@@ -62,7 +64,7 @@ def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int
         raise ValueError(f"points must be float (normalised) or integer (voxel indices), got {points.dtype}")
     sizes = torch.tensor(shape, device=points.device)
     if points.numel() == 0:
-        return points.to(gaussians.dtype)
+        return points.to(gaussians.dtype) if points.is_floating_point() else points
     # Whole-tensor min/max (NaN propagates into them) are ~20x cheaper than per-axis reductions over
     # the strided last axis, which run only when the global bound cannot settle the question.
     low, high = torch.aminmax(points)
@@ -77,7 +79,7 @@ def normalize_points(points: Tensor, gaussians: Gaussians, shape: tuple[int, int
         raise ValueError(f"integer points are voxel indices and must lie in [0, n-1] for shape {shape}; got "
                          f"per-axis minima {points.amin(dim=(0, 1)).tolist()} and maxima "
                          f"{points.amax(dim=(0, 1)).tolist()}")
-    return (points.to(gaussians.dtype) + 0.5) / sizes.to(gaussians.dtype)
+    return points
 
 
 def points_to_normalized(points: Tensor, shape: tuple[int, int, int], dtype: torch.dtype) -> Tensor:

@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 
 from medgauss.gaussians import Gaussians
 from medgauss.render import _numba_kernels as kernels
-from medgauss.render._common import PRECISION_PACKING, precision_upper
+from medgauss.render._common import PRECISION_PACKING, points_to_normalized, precision_upper
 
 __all__ = ["splat"]
 
@@ -56,7 +56,8 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
     Args:
         gaussians: ``B`` x ``N`` Gaussians in normalised volume coordinates, on the CPU.
         shape: ``(D, H, W)``.
-        points: ``None`` or normalised coordinates ``[B, M, 3]`` of the Gaussians' dtype.
+        points: ``None``, normalised coordinates ``[B, M, 3]`` of the Gaussians' dtype, or integer voxel
+            indices ``[B, M, 3]`` (many of them take the gather route without any conversion).
         cutoff: Mahalanobis truncation radius, or ``None`` (every term that is non-zero in float64).
 
     Returns:
@@ -104,7 +105,7 @@ class _NumbaSplat(torch.autograd.Function):
             result = torch.from_numpy(out).reshape(b, 1, *shape) if points is None else \
                 torch.from_numpy(out[voxel_index]).reshape(b, -1)
         else:
-            binned = _bin_points(prep, points, c2)
+            binned = _bin_points(prep, points_to_normalized(points, shape, torch.float64), c2)
             sorted_out = np.zeros(binned.coords.shape[0])
             _run_ranges(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
                         binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
@@ -162,6 +163,11 @@ def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarr
     m = points.shape[1]
     if m < GATHER_MIN_FRACTION * math.prod(shape):
         return None
+    if not points.is_floating_point():  # voxel indices, range-checked by the API
+        d, h, w = shape
+        idx = points.long()
+        sample = torch.arange(points.shape[0]).view(-1, 1)
+        return (((sample * d + idx[..., 0]) * h + idx[..., 1]) * w + idx[..., 2]).reshape(-1).numpy()
     sizes = np.asarray(shape, dtype=np.float64)
     tolerance = 2.0 * torch.finfo(points.dtype).eps * sizes
     index, all_centres = kernels.voxel_centre_index(_to_numpy(points).reshape(-1, 3), sizes, tolerance, m)

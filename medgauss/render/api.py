@@ -43,6 +43,6 @@ def splat(
     gaussians = _common.check_gaussians(gaussians)
     size = _common.check_shape(shape)
     cutoff = _common.check_cutoff(cutoff)
-    pts = None if points is None else _common.normalize_points(points, gaussians, size)
+    pts = None if points is None else _common.check_points(points, gaussians, size)
     name = resolve_backend("splat", backend, gaussians.device)
     return get_implementation("splat", name)(gaussians, size, points=pts, cutoff=cutoff)
