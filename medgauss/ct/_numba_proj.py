@@ -13,6 +13,8 @@ differentiable too.
 from __future__ import annotations
 
 import math
+import os
+import types
 
 import numba
 import numpy as np
@@ -258,6 +260,32 @@ def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, num_slabs, out):
                                     out[bi, base + (ib + 1) * sb + (ic + 1) * sc] += w * fb * fc
 
 
+# Serial twins of the parallel kernels (prange runs as range), for forked children (data-loader workers) of
+# a process that already started numba's thread pool: GNU OpenMP cannot be used across fork() and would
+# terminate the child. Compiled lazily, only when such a child calls a projector.
+def _serial_twin(kernel):
+    # A renamed copy of the Python function, so numba's on-disk cache (keyed by qualified name) keeps the
+    # serial compilation apart from the parallel one.
+    fn = kernel.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    return njit(cache=True)(twin)
+
+
+_forward_kernel_serial = _serial_twin(_forward_kernel)
+_adjoint_kernel_serial = _serial_twin(_adjoint_kernel)
+_POOL_PID: int | None = None  # the process whose numba thread pool the parallel kernels started
+
+
+def _kernels():
+    """(forward, adjoint) kernels safe to call in this process."""
+    global _POOL_PID
+    if _POOL_PID is not None and _POOL_PID != os.getpid():
+        return _forward_kernel_serial, _adjoint_kernel_serial
+    _POOL_PID = os.getpid()
+    return _forward_kernel, _adjoint_kernel
+
+
 def _numpy(t: Tensor) -> np.ndarray:
     # One float64 kernel per operation: halves the JIT compile time and accumulates in float64.
     return t.detach().to(torch.float64).contiguous().numpy()
@@ -269,7 +297,8 @@ def _forward(volume: Tensor, geometry: CircularGeometry) -> Tensor:
     rows, cols = args["det_shape"]
     vol = _numpy(volume.reshape(b, -1))
     out = np.empty((b, geometry.num_views, rows, cols), dtype=np.float64)
-    _forward_kernel(vol, args["vectors"], args["is_cone"], args["origin"], args["spacing"], args["vol_shape"], out)
+    forward_kernel, _ = _kernels()
+    forward_kernel(vol, args["vectors"], args["is_cone"], args["origin"], args["spacing"], args["vol_shape"], out)
     return torch.from_numpy(out).to(volume.dtype)
 
 
@@ -279,8 +308,9 @@ def _adjoint(projections: Tensor, geometry: CircularGeometry) -> Tensor:
     d, h, w = geometry.vol_shape
     proj = _numpy(projections)
     out = np.zeros((b, d * h * w), dtype=np.float64)
-    num_slabs = max(1, min(d, 2 * numba.get_num_threads()))
-    _adjoint_kernel(
+    _, adjoint_kernel = _kernels()
+    num_slabs = 1 if adjoint_kernel is _adjoint_kernel_serial else max(1, min(d, 2 * numba.get_num_threads()))
+    adjoint_kernel(
         proj,
         args["vectors"],
         args["is_cone"],

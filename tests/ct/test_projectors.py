@@ -1,7 +1,9 @@
 """Voxel projectors vs exact chord lengths, adjointness, backend agreement, gradients, validation."""
 
 import math
+import multiprocessing
 
+import numpy as np
 import pytest
 import torch
 
@@ -134,3 +136,33 @@ def test_validation_errors():
         back_project(torch.zeros(1, 3, 7, 9), geo)
     with pytest.raises(ValueError, match="backend"):
         forward_project(torch.zeros(1, 1, 5, 6, 7), geo, backend="cuda")
+
+
+def _project_in_child(volume, projections, geometry, connection) -> None:
+    fp = forward_project(volume, geometry, backend="numba")
+    bp = back_project(projections, geometry, backend="numba")
+    connection.send((fp.numpy(), bp.numpy()))  # plain arrays: no shared memory
+    connection.close()
+
+
+def test_numba_projectors_work_in_a_forked_child_after_use_in_the_parent():
+    """Data-loader workers fork; numba's OpenMP pool cannot cross fork(), so children must not use it."""
+    geo = small_geometry("parallel")
+    x = torch.rand(1, 1, *geo.vol_shape)
+    y = torch.rand(1, *geo.output_shape())
+    expected_fp = forward_project(x, geo, backend="numba")  # starts the thread pool in this process
+    expected_bp = back_project(y, geo, backend="numba")
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_project_in_child, args=(x, y, geo, sender))
+    child.start()
+    try:
+        assert receiver.poll(120), "the forked child did not answer"
+        fp, bp = receiver.recv()
+    finally:
+        child.join(10)
+        if child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    np.testing.assert_allclose(fp, expected_fp.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(bp, expected_bp.numpy(), rtol=1e-6, atol=1e-6)
