@@ -356,5 +356,14 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     return done
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console-script entry point (``medgauss-prepare-ct``): exit status 0 on success.
+
+    ``main`` returns the prepared case ids for programmatic use; a console script hands its return
+    value to ``sys.exit``, which would turn that list into an error exit, hence this wrapper.
+    """
     main()
+
+
+if __name__ == "__main__":
+    cli()
