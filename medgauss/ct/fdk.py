@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from medgauss.ct.projectors import check_projections
 from medgauss.geometry import CircularGeometry, ConeBeamGeometry
 
 __all__ = ["WINDOWS", "ramp_filter", "filter_projections", "angular_weights", "fdk"]
@@ -168,21 +169,6 @@ def fdk(projections: Tensor, geometry: CircularGeometry, *, window: str = "ram-l
     Returns:
         ``[B, 1, D, H, W]`` attenuation per mm on ``geometry``'s volume grid, in the projections' dtype.
     """
-    if not isinstance(geometry, CircularGeometry):
-        raise ValueError(
-            f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}"
-        )
-    expected = geometry.output_shape()
-    if (
-        not isinstance(projections, Tensor)
-        or projections.ndim != 4
-        or tuple(projections.shape[1:]) != expected
-    ):
-        raise ValueError(
-            f"projections must have shape [B, {', '.join(map(str, expected))}], "
-            f"got {tuple(getattr(projections, 'shape', ()))}"
-        )
-    if not projections.is_floating_point():
-        raise ValueError(f"projections must be float, got {projections.dtype}")
+    projections, geometry = check_projections(projections, geometry)
     filtered = filter_projections(projections, geometry, window)
     return _backproject_weighted(filtered, geometry, angular_weights(geometry.angles))

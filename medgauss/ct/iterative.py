@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from medgauss.ct.projectors import back_project, forward_project
+from medgauss.ct.projectors import back_project, check_projections, forward_project
 from medgauss.geometry import CircularGeometry
 
 __all__ = ["sart", "asd_pocs", "total_variation", "total_variation_gradient"]
@@ -23,22 +23,7 @@ _EPS = 1e-8
 
 
 def _check_inputs(projections: Tensor, geometry: CircularGeometry, initial: Tensor | None) -> None:
-    if not isinstance(geometry, CircularGeometry):
-        raise ValueError(
-            f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry, got {type(geometry).__name__}"
-        )
-    expected = geometry.output_shape()
-    if (
-        not isinstance(projections, Tensor)
-        or projections.ndim != 4
-        or tuple(projections.shape[1:]) != expected
-    ):
-        raise ValueError(
-            f"projections must have shape [B, {', '.join(map(str, expected))}], "
-            f"got {tuple(getattr(projections, 'shape', ()))}"
-        )
-    if not projections.is_floating_point():
-        raise ValueError(f"projections must be float, got {projections.dtype}")
+    projections, geometry = check_projections(projections, geometry)
     if initial is not None:
         want = (projections.shape[0], 1, *geometry.vol_shape)
         if not isinstance(initial, Tensor) or tuple(initial.shape) != want:

@@ -32,6 +32,23 @@ def _check_float(name: str, tensor: object) -> Tensor:
     return tensor
 
 
+def check_projections(projections: object, geometry: object) -> tuple[Tensor, CircularGeometry]:
+    """Validate a projection stack ``[B, V, rows, cols]`` (float32/float64) against ``geometry``.
+
+    The one place every consumer of projections (``back_project``, ``fdk``, ``sart``, ``asd_pocs``)
+    checks them; raises ``ValueError`` naming the argument and what was received.
+    """
+    geometry = _check_geometry(geometry)
+    projections = _check_float("projections", projections)
+    expected = geometry.output_shape()
+    if projections.ndim != 4 or tuple(projections.shape[1:]) != expected:
+        raise ValueError(
+            f"projections must have shape [B, {', '.join(map(str, expected))}] "
+            f"(views, rows, cols of the geometry), got {tuple(projections.shape)}"
+        )
+    return projections, geometry
+
+
 def forward_project(volume: Tensor, geometry: CircularGeometry, *, backend: str = "auto") -> Tensor:
     """Line integrals of an attenuation volume along every detector ray of ``geometry``.
 
@@ -72,13 +89,6 @@ def back_project(projections: Tensor, geometry: CircularGeometry, *, backend: st
     Returns:
         ``[B, 1, D, H, W]`` in units of projection value times mm, same dtype/device as ``projections``.
     """
-    geometry = _check_geometry(geometry)
-    projections = _check_float("projections", projections)
-    expected = geometry.output_shape()
-    if projections.ndim != 4 or tuple(projections.shape[1:]) != expected:
-        raise ValueError(
-            f"projections must have shape [B, {', '.join(map(str, expected))}] "
-            f"(views, rows, cols of the geometry), got {tuple(projections.shape)}"
-        )
+    projections, geometry = check_projections(projections, geometry)
     name = resolve_backend("back_project", backend, projections.device)
     return get_implementation("back_project", name)(projections.contiguous(), geometry)
