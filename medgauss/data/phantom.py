@@ -196,7 +196,7 @@ def write_phantom_dataset(
     noise_hu: float = 15.0,
     overwrite: bool = False,
 ) -> list[dict[str, str]]:
-    """Write ``num_cases`` phantoms as ``phantom_XXX_ct.nii.gz`` / ``phantom_XXX_labels.nii.gz``.
+    """Write ``num_cases`` phantoms as ``phantom_<nnn>_ct.nii.gz`` / ``phantom_<nnn>_labels.nii.gz``.
 
     Case ``i`` uses seed ``seed + i``. The parameters are recorded in ``out_dir/phantoms.json``; a later
     call with the same parameters reuses the files (phantoms are deterministic), one with different

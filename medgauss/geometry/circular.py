@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -100,7 +101,7 @@ def _poses(value: Any, num_views: int) -> Tensor | None:
 
 
 @dataclass(eq=False)
-class CircularGeometry:
+class CircularGeometry(ABC):
     """Shared part of :class:`ConeBeamGeometry` and :class:`ParallelBeamGeometry` (not used directly).
 
     Attributes:
@@ -190,11 +191,13 @@ class CircularGeometry:
         v = torch.stack((zero, zero, -torch.ones_like(c)), dim=-1)
         return e_s, u, v
 
+    @abstractmethod
     def _detector_center(self, e_s: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Detector centres ``[V, 3]`` (gantry frame, before offsets) for source directions ``e_s [V, 3]``."""
 
+    @abstractmethod
     def _gantry_source(self, e_s: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Source positions ``[V, 3]`` in the gantry frame (parallel beam: a point upstream of each view)."""
 
     def _posed(self, x: Tensor, is_point: bool) -> Tensor:
         """Apply the per-view poses to ``[V, 3]`` points (rotation + translation) or directions."""
@@ -257,8 +260,9 @@ class CircularGeometry:
         origins, directions = self._rays64(view_ids, downsample)
         return origins.to(device=device, dtype=dtype), directions.to(device=device, dtype=dtype)
 
+    @abstractmethod
     def _rays64(self, view_ids: Any, downsample: int) -> tuple[Tensor, Tensor]:
-        raise NotImplementedError
+        """Ray origins and unit directions, each ``[V, rows', cols', 3]`` float64 world mm (see :meth:`rays`)."""
 
     def plucker(
         self, downsample: int = 1, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
@@ -289,8 +293,9 @@ class CircularGeometry:
             mats = mats @ torch.linalg.inv(self.poses)  # world -> gantry frame first
         return mats
 
+    @abstractmethod
     def _w_row(self, e_s: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Homogeneous-coordinate row ``[V, 4]`` of the projection matrices (depth for cone, constant for parallel)."""
 
     # ------------------------------------------------------------------ derived geometries
     def _fields(self) -> dict[str, Any]:
