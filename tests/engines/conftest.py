@@ -3,20 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState, PartialState
 
 from medgauss.data import build_pretrain_dataset, write_phantom_dataset
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Every engine builds its own Accelerator; reset the process-wide singletons around each test."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    PartialState._reset_state()
+from tests._accelerate_state import fresh_accelerate_state  # noqa: F401  (autouse fixture)
 
 
 @pytest.fixture(scope="session")
