@@ -86,11 +86,13 @@ def test_two_process_launch_without_accelerate_config_shares_one_run_dir(tmp_pat
     env = {**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     env.pop("ACCELERATE_CONFIG_FILE", None)
     # `--multi_gpu` on a machine without GPUs = multi-process CPU (gloo); `--cpu --num_processes 2`
-    # would start a single process (Accelerate's simple launcher).
-    accelerate = Path(sys.executable).with_name("accelerate")
+    # would start a single process (Accelerate's simple launcher). The launcher runs as a module of
+    # this interpreter, not through the `accelerate` script, whose shebang holds the path of the venv
+    # it was installed into (wrong for a relocated environment, e.g. CI's cached one).
     cmd = [
-        str(accelerate),
-        "launch",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
         "--multi_gpu",
         "--num_processes",
         "2",
