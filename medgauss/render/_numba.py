@@ -142,14 +142,9 @@ class _NumbaSplat(torch.autograd.Function):
 
 def _dense_forward(prep: _Prepared, slabs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int],
                    c2: float, single: bool) -> np.ndarray:
-    """The volume ``[B*D*H*W]``: float32 (vectorised fast-exp kernel) when ``single``, else float64.
-
-    Float32 Gaussians get the float32 kernel, whose error (a few float32 ulps per term) is below
-    what their own rounding already costs; float64 Gaussians keep the exact float64 kernel.
-    """
-    kernel = kernels.dense_forward_f32 if single else kernels.dense_forward
+    """The volume ``[B*D*H*W]``, float32 when ``single`` else float64 (computed in float64 either way)."""
     out = np.zeros(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)
-    _run_ranges(kernel, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
+    _run_ranges(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
     return out
 
 

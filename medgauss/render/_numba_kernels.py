@@ -1,4 +1,4 @@
-"""Numba kernels of the CPU splat backend (float64, and a float32 dense forward pass; no torch here).
+"""Numba kernels of the CPU splat backend (float64 arithmetic throughout; no torch here).
 
 Everything is in *voxel units*: voxel ``i`` of an axis sits at coordinate ``i``. Each Gaussian is
 described by one row of ``params [G, NUM_PARAMS]`` (``G = B * N``, batch-major) holding its mean
@@ -16,13 +16,18 @@ point operations, so the dense and the point kernels, forward and backward, agre
 
 Kernels are plain ``nogil`` functions over an index range; the adapter runs disjoint ranges on
 a thread pool (no ``parallel=True``: its compilation costs tens of seconds, and the pool balances
-load dynamically). Dense forward: parallel over ``(b, d)`` slabs; per Gaussian touching the slab
-and per row ``h`` the inside voxels form a contiguous chord along W, found from the quadratic
-``q(w)`` and then checked at its ends. Along the chord ``exp(-q/2)`` is advanced by
-multiplications from the row's peak outwards (``e[w+1] = e[w] * rho[w]``,
-``rho[w+1] = rho[w] * exp(-A)``), two or three ``exp`` per row. Float32 Gaussians use
-``dense_forward_f32`` instead: same chords, each voxel's ``exp`` evaluated independently by a
-vectorisable float32 ``exp`` (see its section).
+load dynamically). Rows: within a slab, the inside voxels of a row ``h`` form a contiguous chord
+along W, found from the quadratic ``q(w)`` and then checked at its ends; along it ``exp(-q/2)`` is
+advanced by multiplications from the row's peak outwards (``e[w+1] = e[w] * rho[w]``,
+``rho[w+1] = rho[w] * exp(-A)``), two or three ``exp`` per row (the *row walk*).
+Dense forward: parallel over ``(b, d)`` slabs, summed per slab in a float64 buffer. A Gaussian's
+*section* of a slab (the ellipse ``q < c2`` in the (H, W) plane) is evaluated over its bounding
+rectangle by a geometric recurrence with no per-voxel ``exp``: ``q(h, w)`` is quadratic in ``h``
+at fixed ``w``, so ``e(h+1, w) = e(h, w) * ratio(h, w)`` with ``ratio(h+1, w) = ratio(h, w) *
+exp(-(S11 + A * SLOPE21^2))``; the first row's ``e`` and ``ratio`` are geometric in ``w`` (four
+``exp`` per section). Each voxel then costs two multiplications and the exact inside test,
+vectorised along W, four rows per pass. Sections whose rectangle reaches ``q >= Q_MAX`` (very thin,
+sheared Gaussians; ``cutoff=None``) take the row walk.
 Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
 gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR) and
 points are sorted by cell; the forward pass is parallel over cells (each runs its Gaussian list
@@ -36,8 +41,6 @@ import math
 import numpy as np
 from numba import njit
 
-from medgauss.render._fast_exp import FASTMATH, fast_exp_f32
-
 # Columns of ``params``.
 M0, M1, M2, SCHUR_D, SCHUR_H, SLOPE1, PREC_W, SLOPE20, SLOPE21, DECAY, INTENSITY = range(11)
 NUM_PARAMS = 11
@@ -46,6 +49,13 @@ NUM_PARAMS = 11
 NUM_SUMS = 10
 
 _JIT = {"cache": True, "nogil": True, "error_model": "numpy"}
+# Dense forward recurrence: sections whose rectangle reaches q >= Q_MAX take the row walk instead
+# (exp(-Q_MAX / 2) and its reciprocal keep every factor of the recurrence far inside float64's range,
+# and the relative error of a factor, about Q_MAX * 1e-16, stays far below the tests' 1e-11).
+Q_MAX = 200.0
+# The section rectangle's width is padded to a multiple of this (two AVX2 float64 vectors, which is
+# what LLVM's vectorised W loop handles per iteration), so the loop runs no scalar remainder.
+_BLOCK = 8
 
 
 @njit(**_JIT)
@@ -153,18 +163,206 @@ def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: flo
 
 
 @njit(**_JIT)
+def _section_walk(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, c2: float, width: int,
+                  acc: np.ndarray) -> None:
+    """Add one Gaussian's slab section to ``acc [H*W]`` row by row, exact chords and multiplicative walks.
+
+    The general route: any section, any ``c2`` (also ``inf``), two or three ``exp`` per row.
+    """
+    s11 = p[SCHUR_H]
+    a = p[PREC_W]
+    inv_a = 1.0 / a
+    for h in range(h_first, h_last + 1):
+        r1 = h - p[M1]
+        dh = r1 - p[SLOPE1] * r0
+        q_row = q0 + s11 * (dh * dh)
+        if not q_row < c2:
+            continue
+        offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
+        lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
+        if lo > hi:
+            continue
+        peak = _peak(p[M2], offset, lo, hi)
+        delta = (peak - p[M2]) - offset
+        _add_row(acc, h * width, lo, hi, peak, delta, a, p[DECAY], q_row, p[INTENSITY])
+
+
+@njit(inline="always", **_JIT)
+def _row_terms(p: np.ndarray, r0: float, q0: float, h: int) -> tuple[float, float]:
+    """``(q_row, offset)`` of row ``h`` in the slab ``r0``: the same operations as every row loop."""
+    r1 = h - p[M1]
+    dh = r1 - p[SLOPE1] * r0
+    return q0 + p[SCHUR_H] * (dh * dh), p[SLOPE20] * r0 + p[SLOPE21] * r1
+
+
+@njit(**_JIT)
+def _section_q(p: np.ndarray, r0: float, q0: float, h: int, w: int) -> float:
+    """``q`` at voxel ``(h, w)`` of the slab ``r0``, by the same operations as every row loop."""
+    q_row, offset = _row_terms(p, r0, q0, h)
+    return _row_q(w, p[M2], offset, p[PREC_W], q_row)
+
+
+@njit(**_JIT)
+def _section_rectangle(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, c2: float,
+                       width: int) -> tuple[int, int]:
+    """``(w_first, cols)``: the section's W range padded to whole vector blocks, or ``cols = 0``.
+
+    ``cols = 0`` when the recurrence does not apply: a corner of the rectangle has ``q >= Q_MAX``
+    (values there could leave the float64 range of the recurrence's factors), or one of its
+    constant ratios would underflow.
+    """
+    s11 = p[SCHUR_H]
+    a = p[PREC_W]
+    slope21 = p[SLOPE21]
+    h_centre = p[M1] + p[SLOPE1] * r0
+    w_centre = p[M2] + p[SLOPE20] * r0 + slope21 * (h_centre - p[M1])
+    # W extent of {s11 u^2 + a (v - slope21 u)^2 < c2 - q0}: sqrt((c2 - q0) (1/a + slope21^2 / s11)).
+    w_first, w_last = _padded_range(w_centre, math.sqrt((c2 - q0) * (1.0 / a + slope21 * slope21 / s11)), width)
+    if w_first > w_last or not (a < Q_MAX and s11 + a * slope21 * slope21 < Q_MAX):
+        return 0, 0
+    cols = min(((w_last - w_first) // _BLOCK + 1) * _BLOCK, width)
+    w_first = min(w_first, width - cols)
+    w_last = w_first + cols - 1
+    q_corner = max(max(_section_q(p, r0, q0, h_first, w_first), _section_q(p, r0, q0, h_first, w_last)),
+                   max(_section_q(p, r0, q0, h_last, w_first), _section_q(p, r0, q0, h_last, w_last)))
+    return (w_first, cols) if q_corner < Q_MAX else (0, 0)
+
+
+@njit(**_JIT)
+def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first: int, cols: int,
+                      w_minus_mean: np.ndarray, e: np.ndarray, ratio: np.ndarray) -> float:
+    """First row of the recurrence; returns its constant ``exp(-(S11 + A SLOPE21^2))`` along H.
+
+    Writes for ``j < cols`` (``w = w_first + j``): ``w_minus_mean[j] = w - mean_W``,
+    ``e[j] = I exp(-q(h_first, w) / 2)`` and ``ratio[j] = e(h_first + 1, w) / e(h_first, w)``,
+    each a geometric sequence in ``j`` (four ``exp``; the differences of ``q`` are taken
+    analytically, so no cancellation enters the ratios).
+    """
+    s11 = p[SCHUR_H]
+    a = p[PREC_W]
+    slope21 = p[SLOPE21]
+    r1 = h_first - p[M1]
+    dh = r1 - p[SLOPE1] * r0
+    dw = (w_first - p[M2]) - (p[SLOPE20] * r0 + slope21 * r1)
+    q = q0 + s11 * (dh * dh) + a * (dw * dw)
+    value = p[INTENSITY] * math.exp(-0.5 * q)
+    step = math.exp(-0.5 * a * (2.0 * dw + 1.0))           # e(w + 1) / e(w) on the first row
+    step_decay = p[DECAY]                                  # exp(-a): ratio of consecutive steps
+    row_ratio = math.exp(-0.5 * (s11 * (2.0 * dh + 1.0) + a * slope21 * (slope21 - 2.0 * dw)))
+    row_ratio_step = math.exp(a * slope21)                 # ratio(w + 1) / ratio(w)
+    for j in range(cols):
+        w_minus_mean[j] = (w_first + j) - p[M2]
+        e[j] = value
+        ratio[j] = row_ratio
+        value *= step
+        step *= step_decay
+        row_ratio *= row_ratio_step
+    return math.exp(-(s11 + a * slope21 * slope21))
+
+
+# The two row functions take the rows' terms as scalars: small arrays passed per call cost numba
+# reference-count updates (atomic) that measured slower than the loop itself for short rows.
+
+
+@njit(inline="always", **_JIT)
+def _recurrence_row(acc: np.ndarray, start: int, cols: int, w_minus_mean: np.ndarray, e: np.ndarray,
+                    ratio: np.ndarray, a: float, c2: float, q_row: float, offset: float, decay: float) -> None:
+    """One row of a section: ``acc[start + j] += e[j]`` where ``q < c2``; then ``e`` moves to the next row.
+
+    ``q_row``, ``offset`` are the row's terms of ``q`` (computed by the caller exactly as in every
+    row loop) and ``decay`` the power of the H decay that turns ``ratio`` into this row's ratio.
+    The inside test evaluates ``q`` with ``_row_q``'s operations (this module compiles without
+    ``contract``: no fused multiply-adds), so it selects exactly the pairs every other kernel does.
+    Indices are unsigned so numba emits no negative-index wraparound, which would block
+    vectorisation; the loop over ``j`` vectorises (AVX2: 4 float64 per instruction).
+    """
+    row = np.uint64(start)
+    for j in range(cols):
+        v = e[j]
+        dw = w_minus_mean[j] - offset
+        acc[row + np.uint64(j)] += v if a * (dw * dw) + q_row < c2 else 0.0
+        e[j] = v * (ratio[j] * decay)
+
+
+@njit(inline="always", **_JIT)
+def _recurrence_4_rows(acc: np.ndarray, start: int, width: int, cols: int, w_minus_mean: np.ndarray,
+                       e: np.ndarray, ratio: np.ndarray, a: float, c2: float,
+                       q0: float, q1: float, q2: float, q3: float, o0: float, o1: float, o2: float, o3: float,
+                       d0: float, d1: float, d2: float, d3: float) -> None:
+    """:func:`_recurrence_row` for four consecutive rows in one pass (``e`` loaded and stored once)."""
+    row0 = np.uint64(start)
+    row1 = np.uint64(start + width)
+    row2 = np.uint64(start + 2 * width)
+    row3 = np.uint64(start + 3 * width)
+    for j in range(cols):
+        u = np.uint64(j)
+        wm = w_minus_mean[j]
+        r = ratio[j]
+        v = e[j]
+        dw = wm - o0
+        acc[row0 + u] += v if a * (dw * dw) + q0 < c2 else 0.0
+        v = v * (r * d0)
+        dw = wm - o1
+        acc[row1 + u] += v if a * (dw * dw) + q1 < c2 else 0.0
+        v = v * (r * d1)
+        dw = wm - o2
+        acc[row2 + u] += v if a * (dw * dw) + q2 < c2 else 0.0
+        v = v * (r * d2)
+        dw = wm - o3
+        acc[row3 + u] += v if a * (dw * dw) + q3 < c2 else 0.0
+        e[j] = v * (r * d3)
+
+
+@njit(**_JIT)
+def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, w_first: int,
+                        cols: int, c2: float, width: int, acc: np.ndarray, w_minus_mean: np.ndarray,
+                        e: np.ndarray, ratio: np.ndarray) -> None:
+    """Add one Gaussian's slab section to ``acc [H*W]`` over its rectangle, without per-voxel ``exp``.
+
+    ``w_minus_mean, e, ratio [>= W]`` are work arrays (separate allocations: LLVM's vectoriser then
+    sees that they do not overlap).
+    """
+    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, w_minus_mean, e, ratio)
+    a = p[PREC_W]
+    power = 1.0  # row_decay ** (h - h_first)
+    h = h_first
+    while h + 3 <= h_last:
+        q_0, o_0 = _row_terms(p, r0, q0, h)
+        q_1, o_1 = _row_terms(p, r0, q0, h + 1)
+        q_2, o_2 = _row_terms(p, r0, q0, h + 2)
+        q_3, o_3 = _row_terms(p, r0, q0, h + 3)
+        d_1 = power * row_decay
+        d_2 = d_1 * row_decay
+        d_3 = d_2 * row_decay
+        _recurrence_4_rows(acc, h * width + w_first, width, cols, w_minus_mean, e, ratio, a, c2,
+                           q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_3)
+        power = d_3 * row_decay
+        h += 4
+    while h <= h_last:
+        q_row, offset = _row_terms(p, r0, q0, h)
+        _recurrence_row(acc, h * width + w_first, cols, w_minus_mean, e, ratio, a, c2, q_row, offset, power)
+        power *= row_decay
+        h += 1
+
+
+@njit(**_JIT)
 def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
                   height: int, width: int, c2: float, out: np.ndarray, first: int, last: int) -> None:
     """Dense splat of the slabs ``first <= b * D + d < last`` into ``out [B*D*H*W]`` (accumulated).
 
     ``params [B*N, NUM_PARAMS]``; ``d_lo, d_hi [B*N]`` are slab ranges that only cull (they may be
-    wider than the Gaussian): ``q < c2`` decides every pair. Calls with disjoint slab ranges write
+    wider than the Gaussian): ``q < c2`` decides every pair. ``out`` is float64 or float32; values
+    are computed and summed per slab in float64 either way. Calls with disjoint slab ranges write
     disjoint parts of ``out`` and may run concurrently (the GIL is released).
     """
     n = params.shape[0] // batch
+    plane = height * width
+    acc = np.zeros(plane)
+    w_minus_mean, e, ratio = np.empty(width), np.empty(width), np.empty(width)
     for slab in range(first, last):
         b = slab // depth
         d = slab - b * depth
+        touched = False
         for i in range(n):
             g = b * n + i
             if d < d_lo[g] or d > d_hi[g]:
@@ -174,24 +372,21 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
             q0 = p[SCHUR_D] * (r0 * r0)
             if not q0 < c2:
                 continue
-            s11 = p[SCHUR_H]
-            a = p[PREC_W]
-            inv_a = 1.0 / a
-            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / s11), height)
-            for h in range(h_first, h_last + 1):
-                r1 = h - p[M1]
-                dh = r1 - p[SLOPE1] * r0
-                q_row = q0 + s11 * (dh * dh)
-                if not q_row < c2:
-                    continue
-                offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
-                lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
-                if lo > hi:
-                    continue
-                peak = _peak(p[M2], offset, lo, hi)
-                delta = (peak - p[M2]) - offset
-                _add_row(out, (slab * height + h) * width, lo, hi, peak, delta, a, p[DECAY], q_row,
-                         p[INTENSITY])
+            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / p[SCHUR_H]), height)
+            if h_first > h_last:
+                continue
+            touched = True
+            w_first, cols = _section_rectangle(p, r0, q0, h_first, h_last, c2, width)
+            if cols > 0:
+                _section_recurrence(p, r0, q0, h_first, h_last, w_first, cols, c2, width, acc, w_minus_mean, e,
+                                    ratio)
+            else:
+                _section_walk(p, r0, q0, h_first, h_last, c2, width, acc)
+        if touched:
+            base = slab * plane
+            for k in range(plane):
+                out[base + k] += acc[k]
+                acc[k] = 0.0
 
 
 @njit(**_JIT)
@@ -308,185 +503,6 @@ def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad:
         sums[g, 7] = a7
         sums[g, 8] = a8
         sums[g, 9] = a9
-
-
-# ----------------------------------------------------------------------- dense, float32 fast path
-#
-# Why a second forward kernel: the multiplicative walk above is exact in float64 but serial (two
-# dependent multiply chains per row, ~2.3 ns per pair), and ``math.exp`` is a scalar libm call
-# here (no SVML). For float32 Gaussians the rows are instead evaluated independently per voxel,
-# ``exp(-q/2)`` by the vectorisable :func:`fast_exp_f32`, so LLVM emits packed AVX code. Per
-# (slab, Gaussian) the rows' chords are found first (float64, ``_chord``: the same inside test as
-# every other kernel), then the vector loops run back to back, free of the chord logic's branches.
-
-_F32_ZERO = np.float32(0.0)
-# Each chord is evaluated over whole blocks of this many voxels (the vector width of float32 on
-# AVX2; AVX-512 runs two blocks per instruction pair), masked to the chord: no scalar remainder.
-_BLOCK = 8
-_JIT_F32 = {**_JIT, "fastmath": FASTMATH}
-
-
-@njit(**_JIT_F32)
-def _add_row_f32(out: np.ndarray, base: int, lo: int, hi: int, width: int, dw_lo: np.float32,
-                 neg_half_a: np.float32, neg_half_q_row: np.float32, intensity: np.float32) -> None:
-    """``out[base + w] += I exp(-q(w)/2)`` for ``lo <= w <= hi`` (``out`` float32), vectorised.
-
-    ``q(w) = a (dw_lo + w - lo)^2 + q_row``. The loop covers the chord rounded up to whole
-    blocks, shifted to stay inside the row ``[0, width)``; voxels outside the chord add exactly 0
-    (the row belongs to the calling thread, so touching its other voxels is race-free). Indices
-    are unsigned so numba emits no negative-index wraparound, which would block vectorisation.
-    """
-    padded = ((hi - lo) // _BLOCK + 1) * _BLOCK
-    start = max(min(lo, width - padded), 0)
-    count = min(padded, width - start)
-    first = np.uint64(base + start)
-    dw_start = dw_lo - np.float32(lo - start)
-    inside_lo = np.uint64(lo - start)
-    inside_hi = np.uint64(hi - start)
-    for j in range(count):
-        dw = dw_start + np.float32(j)
-        e = intensity * fast_exp_f32(neg_half_a * (dw * dw) + neg_half_q_row)
-        k = np.uint64(j)
-        out[first + k] += e if (k >= inside_lo and k <= inside_hi) else _F32_ZERO
-
-
-@njit(**_JIT_F32)
-def _add_row_pair_f32(out: np.ndarray, base_a: int, lo_a: int, hi_a: int, dw_lo_a: np.float32,
-                      neg_half_q_a: np.float32, base_b: int, lo_b: int, hi_b: int, dw_lo_b: np.float32,
-                      neg_half_q_b: np.float32, width: int, neg_half_a: np.float32,
-                      intensity: np.float32) -> None:
-    """:func:`_add_row_f32` for two different rows ``a`` and ``b`` of one Gaussian in one loop.
-
-    Why: chords are short (~24 voxels for sigma ~ 6 voxels) and each ``exp`` is a long dependency
-    chain, so one row per loop leaves the core waiting on latency (measured: ~1.5x slower). Both
-    rows are padded to the longer one's block count; rows too wide for that go one at a time.
-    """
-    padded = max(((hi_a - lo_a) // _BLOCK + 1) * _BLOCK, ((hi_b - lo_b) // _BLOCK + 1) * _BLOCK)
-    if padded > width:
-        _add_row_f32(out, base_a, lo_a, hi_a, width, dw_lo_a, neg_half_a, neg_half_q_a, intensity)
-        _add_row_f32(out, base_b, lo_b, hi_b, width, dw_lo_b, neg_half_a, neg_half_q_b, intensity)
-        return
-    start_a = min(lo_a, width - padded)
-    start_b = min(lo_b, width - padded)
-    first_a = np.uint64(base_a + start_a)
-    first_b = np.uint64(base_b + start_b)
-    dw_start_a = dw_lo_a - np.float32(lo_a - start_a)
-    dw_start_b = dw_lo_b - np.float32(lo_b - start_b)
-    inside_lo_a, inside_hi_a = np.uint64(lo_a - start_a), np.uint64(hi_a - start_a)
-    inside_lo_b, inside_hi_b = np.uint64(lo_b - start_b), np.uint64(hi_b - start_b)
-    for j in range(padded):
-        dw_a = dw_start_a + np.float32(j)
-        dw_b = dw_start_b + np.float32(j)
-        e_a = intensity * fast_exp_f32(neg_half_a * (dw_a * dw_a) + neg_half_q_a)
-        e_b = intensity * fast_exp_f32(neg_half_a * (dw_b * dw_b) + neg_half_q_b)
-        k = np.uint64(j)
-        out[first_a + k] += e_a if (k >= inside_lo_a and k <= inside_hi_a) else _F32_ZERO
-        out[first_b + k] += e_b if (k >= inside_lo_b and k <= inside_hi_b) else _F32_ZERO
-
-
-@njit(**_JIT)
-def _estimate_chords(p: np.ndarray, r0: float, q0: float, h_first: int, rows: int, c2: float, width: int,
-                     inv_a: float, q_row: np.ndarray, offset: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                     verified: np.ndarray) -> None:
-    """Chords of rows ``h_first .. h_first + rows - 1`` of one slab, branch-free (vectorised over rows).
-
-    Writes per row ``q_row``, ``offset``, the quadratic's estimate ``[lo, hi]`` (as floats) and
-    ``verified``: the estimate is non-empty and its ends pass ``_chord``'s own end tests, so it is
-    exactly what ``_chord`` returns (same expressions, same rounding; ``_chord``'s loops would not
-    move). Rows not verified (empty or off by a voxel) are left to ``_chord``.
-    """
-    m1, m2, a = p[M1], p[M2], p[PREC_W]
-    s11, slope1, slope20, slope21 = p[SCHUR_H], p[SLOPE1], p[SLOPE20], p[SLOPE21]
-    last = width - 1.0
-    for k in range(rows):
-        r1 = (h_first + k) - m1
-        dh = r1 - slope1 * r0
-        q = q0 + s11 * (dh * dh)
-        off = slope20 * r0 + slope21 * r1
-        center = m2 + off
-        half = math.sqrt(max(c2 - q, 0.0) * inv_a)
-        w_lo = max(np.ceil(max(center - half, -1.0)), 0.0)
-        w_hi = min(np.floor(min(center + half, float(width))), last)
-        dw_lo = (w_lo - m2) - off
-        dw_before = ((w_lo - 1.0) - m2) - off
-        dw_hi = (w_hi - m2) - off
-        dw_after = ((w_hi + 1.0) - m2) - off
-        ends_inside = (a * (dw_lo * dw_lo) + q < c2) & (a * (dw_hi * dw_hi) + q < c2)
-        lo_is_first = (w_lo == 0.0) | (not a * (dw_before * dw_before) + q < c2)
-        hi_is_last = (w_hi == last) | (not a * (dw_after * dw_after) + q < c2)
-        q_row[k] = q
-        offset[k] = off
-        lo[k] = w_lo
-        hi[k] = w_hi
-        verified[k] = (q < c2) & (w_lo <= w_hi) & ends_inside & lo_is_first & hi_is_last
-
-
-@njit(**_JIT)
-def dense_forward_f32(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
-                      height: int, width: int, c2: float, out: np.ndarray, first: int, last: int) -> None:
-    """Float32 twin of :func:`dense_forward`: same arguments, ``out [B*D*H*W]`` float32 (accumulated).
-
-    Same pairs as the float64 kernels (chords from the float64 parameters by the same expressions;
-    this function is compiled without ``contract`` so none of them becomes a fused multiply-add);
-    values differ by float32 rounding: ``q`` in float32 relative to the row's first voxel and
-    ``exp`` within 2 ulps, so each term has a relative error of about ``1e-7 (1 + q)``.
-    """
-    n = params.shape[0] // batch
-    est_q = np.empty(height + 2)
-    est_offset = np.empty(height + 2)
-    est_lo = np.empty(height + 2)
-    est_hi = np.empty(height + 2)
-    est_verified = np.empty(height + 2, dtype=np.bool_)
-    row_base = np.empty(height, dtype=np.int64)
-    row_lo = np.empty(height, dtype=np.int64)
-    row_hi = np.empty(height, dtype=np.int64)
-    row_dw_lo = np.empty(height, dtype=np.float32)
-    row_neg_half_q = np.empty(height, dtype=np.float32)
-    for slab in range(first, last):
-        b = slab // depth
-        d = slab - b * depth
-        for i in range(n):
-            g = b * n + i
-            if d < d_lo[g] or d > d_hi[g]:
-                continue
-            p = params[g]
-            r0 = d - p[M0]
-            q0 = p[SCHUR_D] * (r0 * r0)
-            if not q0 < c2:
-                continue
-            a = p[PREC_W]
-            inv_a = 1.0 / a
-            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / p[SCHUR_H]), height)
-            _estimate_chords(p, r0, q0, h_first, h_last - h_first + 1, c2, width, inv_a, est_q, est_offset,
-                             est_lo, est_hi, est_verified)
-            rows = 0
-            for k in range(h_last - h_first + 1):
-                q_row = est_q[k]
-                if not q_row < c2:
-                    continue
-                offset = est_offset[k]
-                if est_verified[k]:
-                    lo, hi = int(est_lo[k]), int(est_hi[k])
-                else:
-                    lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
-                    if lo > hi:
-                        continue
-                row_base[rows] = (slab * height + h_first + k) * width
-                row_lo[rows] = lo
-                row_hi[rows] = hi
-                row_dw_lo[rows] = np.float32((lo - p[M2]) - offset)
-                row_neg_half_q[rows] = np.float32(-0.5 * q_row)
-                rows += 1
-            neg_half_a = np.float32(-0.5 * a)
-            intensity = np.float32(p[INTENSITY])
-            for k in range(0, rows - 1, 2):
-                _add_row_pair_f32(out, row_base[k], row_lo[k], row_hi[k], row_dw_lo[k], row_neg_half_q[k],
-                                  row_base[k + 1], row_lo[k + 1], row_hi[k + 1], row_dw_lo[k + 1],
-                                  row_neg_half_q[k + 1], width, neg_half_a, intensity)
-            if rows % 2 == 1:
-                k = rows - 1
-                _add_row_f32(out, row_base[k], row_lo[k], row_hi[k], width, row_dw_lo[k], neg_half_a,
-                             row_neg_half_q[k], intensity)
 
 
 # ---------------------------------------------------------------------------------------- points

@@ -21,11 +21,11 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from numba import njit
 
 from medgauss.gaussians import Gaussians
 from medgauss.render import _numba, splat
-from medgauss.render._fast_exp import FASTMATH, fast_exp_f32
+from medgauss.render import _numba_kernels as kernels
+from medgauss.render._common import precision_upper
 
 # ----------------------------------------------------------------------------------- references
 
@@ -131,7 +131,7 @@ def test_dense_float32_matches_brute_force(cutoff, shape):
 
 
 def test_dense_float32_covers_exactly_the_float64_pairs():
-    """The float32 kernel finds its chords by its own (vectorised) route: same voxels inside as float64."""
+    """Float32 Gaussians: the same voxels inside as float64 (the inside test runs on float64 parameters)."""
     rng = np.random.default_rng(11)
     g64 = random_gaussians(rng, 1, 40, log_scale=(math.log(0.02), math.log(0.4)))
     g64 = Gaussians(g64.means, g64.scales, g64.quats, g64.intensities.abs() + 0.1)  # no cancellation
@@ -142,30 +142,54 @@ def test_dense_float32_covers_exactly_the_float64_pairs():
         assert torch.equal(inside32, inside64), f"Gaussian {i}"
 
 
-def test_fast_exp_f32_within_two_ulps():
-    """The vectorisable float32 exp against float64 exp over every argument the kernels use.
+def _dense_routes(g: Gaussians, shape: tuple[int, int, int], cutoff: float) -> set[str]:
+    """Which dense-forward routes (``recurrence`` / ``walk``) the kernel takes for ``g``'s sections."""
+    c2 = cutoff * cutoff
+    prep = _numba._prepare(g.means, precision_upper(g), g.intensities, shape, c2)
+    d_lo, d_hi = _numba._slab_ranges(prep, c2, shape[0])
+    routes = set()
+    for p, lo, hi in zip(prep.params, d_lo, d_hi):
+        for d in range(lo, hi + 1):
+            r0 = d - p[kernels.M0]
+            q0 = p[kernels.SCHUR_D] * r0 * r0
+            if not q0 < c2:
+                continue
+            h_first, h_last = kernels._padded_range(p[kernels.M1] + p[kernels.SLOPE1] * r0,
+                                                    math.sqrt((c2 - q0) / p[kernels.SCHUR_H]), shape[1])
+            if h_first <= h_last:
+                cols = kernels._section_rectangle(p, r0, q0, h_first, h_last, c2, shape[2])[1]
+                routes.add("recurrence" if cols > 0 else "walk")
+    return routes
 
-    Arguments are -q/2 for 0 <= q <= 1500 (cutoff=None); below ln(smallest normal) results are
-    flushed to zero (absolute error at most the smallest normal float32).
-    """
-    x = np.concatenate([-np.linspace(0.0, 750.0, 1_500_001), -np.linspace(0.0, 1.0, 100_001),
-                        [-87.33654, -87.3366, -103.9, -104.0]]).astype(np.float32)
-    actual = _fast_exp_values(x).astype(np.float64)
-    exact = np.exp(x.astype(np.float64))
-    tiny = float(np.finfo(np.float32).tiny)
-    normal = exact >= tiny
-    ulps = np.abs(actual - exact)[normal] / np.spacing(exact[normal].astype(np.float32)).astype(np.float64)
-    assert ulps.max() <= 2.0, f"max error {ulps.max():.2f} ulps at x={x[normal][ulps.argmax()]}"
-    assert np.abs(actual - exact)[~normal].max() <= tiny
-    assert actual[0] == 1.0 and (actual[x < -88.0] == 0.0).all()
+
+def test_dense_takes_both_routes_and_each_matches_brute_force():
+    """Broad sections run the exp-free recurrence, thin sheared ones the row walk; both are exact."""
+    rng = np.random.default_rng(21)
+    broad = random_gaussians(rng, 1, 6, log_scale=(math.log(0.08), math.log(0.3)))
+    needles = random_gaussians(rng, 1, 6, log_scale=(math.log(0.004), math.log(0.6)))
+    shape = (11, 14, 17)
+    assert _dense_routes(broad, shape, 3.0) == {"recurrence"}
+    assert "walk" in _dense_routes(needles, shape, 3.0)
+    for g in (broad, needles):
+        expected, ambiguous = brute_force(g, shape, 3.0)
+        _assert_close(splat(g, shape, cutoff=3.0, backend="numba").reshape(1, -1), expected, 1e-11,
+                      "dense", keep=~ambiguous)
 
 
-@njit(fastmath=FASTMATH)
-def _fast_exp_values(x: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x)
-    for i in range(x.shape[0]):
-        out[i] = fast_exp_f32(x[i])
-    return out
+def test_dense_recurrence_stays_accurate_over_long_sections():
+    """One wide, rotated Gaussian over ~60 x 70 voxel sections: hundreds of chained products per voxel."""
+    g = Gaussians(torch.tensor([[[0.45, 0.52, 0.48]]], dtype=torch.float64),
+                  torch.tensor([[[0.35, 0.2, 0.12]]], dtype=torch.float64),
+                  torch.tensor([[[0.9, 0.3, -0.2, 0.25]]], dtype=torch.float64),
+                  torch.tensor([[1.7]], dtype=torch.float64))
+    shape = (12, 64, 72)
+    assert _dense_routes(g, shape, 3.0) == {"recurrence"}
+    expected, ambiguous = brute_force(g, shape, 3.0)
+    out = splat(g, shape, cutoff=3.0, backend="numba").reshape(1, -1).numpy()
+    keep = ~ambiguous
+    assert np.abs(out - expected)[keep].max() <= 1e-12 * np.abs(expected).max()
+    inside = keep & (expected != 0)  # relative error voxel by voxel, down to exp(-4.5) of the peak
+    assert (np.abs(out - expected)[inside] / np.abs(expected[inside])).max() <= 1e-12
 
 
 def test_single_gaussian_analytic_values():
