@@ -29,7 +29,8 @@ exp(-(S11 + A * SLOPE21^2))``; the first row's ``e`` and ``ratio`` are geometric
 vectorised along W, four rows per pass. Sections whose rectangle reaches ``q >= Q_MAX`` (very thin,
 sheared Gaussians; ``cutoff=None``) take the row walk.
 Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
-gradient along the same chords. Points: Gaussians are binned into a coarse cell grid (CSR) and
+gradient over the same sections by the same two routes (per column, the recurrence sums ``g e``
+weighted by 1, r1 and r1^2; the weights in r2 depend on the column only and are applied once). Points: Gaussians are binned into a coarse cell grid (CSR) and
 points are sorted by cell; the forward pass is parallel over cells (each runs its Gaussian list
 against its own points), the backward over ranges of cells with private gradient buffers.
 """
@@ -229,12 +230,12 @@ def _section_rectangle(p: np.ndarray, r0: float, q0: float, h_first: int, h_last
 
 
 @njit(**_JIT)
-def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first: int, cols: int,
+def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first: int, cols: int, scale: float,
                       w_minus_mean: np.ndarray, e: np.ndarray, ratio: np.ndarray) -> float:
     """First row of the recurrence; returns its constant ``exp(-(S11 + A SLOPE21^2))`` along H.
 
     Writes for ``j < cols`` (``w = w_first + j``): ``w_minus_mean[j] = w - mean_W``,
-    ``e[j] = I exp(-q(h_first, w) / 2)`` and ``ratio[j] = e(h_first + 1, w) / e(h_first, w)``,
+    ``e[j] = scale * exp(-q(h_first, w) / 2)`` and ``ratio[j] = e(h_first + 1, w) / e(h_first, w)``,
     each a geometric sequence in ``j`` (four ``exp``; the differences of ``q`` are taken
     analytically, so no cancellation enters the ratios).
     """
@@ -245,7 +246,7 @@ def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first
     dh = r1 - p[SLOPE1] * r0
     dw = (w_first - p[M2]) - (p[SLOPE20] * r0 + slope21 * r1)
     q = q0 + s11 * (dh * dh) + a * (dw * dw)
-    value = p[INTENSITY] * math.exp(-0.5 * q)
+    value = scale * math.exp(-0.5 * q)
     step = math.exp(-0.5 * a * (2.0 * dw + 1.0))           # e(w + 1) / e(w) on the first row
     step_decay = p[DECAY]                                  # exp(-a): ratio of consecutive steps
     row_ratio = math.exp(-0.5 * (s11 * (2.0 * dh + 1.0) + a * slope21 * (slope21 - 2.0 * dw)))
@@ -322,7 +323,7 @@ def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_las
     ``w_minus_mean, e, ratio [>= W]`` are work arrays (separate allocations: LLVM's vectoriser then
     sees that they do not overlap).
     """
-    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, w_minus_mean, e, ratio)
+    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, p[INTENSITY], w_minus_mean, e, ratio)
     a = p[PREC_W]
     power = 1.0  # row_decay ** (h - h_first)
     h = h_first
@@ -447,62 +448,187 @@ def _row_sums(grad: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: f
 
 
 @njit(**_JIT)
+def _section_walk_sums(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, c2: float, width: int,
+                       grad: np.ndarray, plane_start: int, sums: np.ndarray) -> None:
+    """Add one slab section's gradient sums (``NUM_SUMS``, see ``dense_backward``) to ``sums`` by row walks.
+
+    ``grad[plane_start + h * width + w]`` is the upstream gradient of the slab.
+    """
+    s11 = p[SCHUR_H]
+    a = p[PREC_W]
+    inv_a = 1.0 / a
+    for h in range(h_first, h_last + 1):
+        r1 = h - p[M1]
+        dh = r1 - p[SLOPE1] * r0
+        q_row = q0 + s11 * (dh * dh)
+        if not q_row < c2:
+            continue
+        offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
+        lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
+        if lo > hi:
+            continue
+        peak = _peak(p[M2], offset, lo, hi)
+        delta = (peak - p[M2]) - offset
+        t0, t1, t2 = _row_sums(grad, plane_start + h * width, lo, hi, peak, delta, a, p[DECAY], q_row,
+                               peak - p[M2])
+        _add_sums(sums, r0, r1 * t0, r1 * r1 * t0, r1 * t1, t0, t1, t2)
+
+
+@njit(inline="always", **_JIT)
+def _add_sums(sums: np.ndarray, r0: float, t_r1: float, t_r1r1: float, t_r1r2: float, t: float, t_r2: float,
+              t_r2r2: float) -> None:
+    """Fold one section's (or row's) sums of ``t = g e`` times 1, r1, r1^2, r1 r2, r2, r2^2 into ``sums``."""
+    sums[0] += t
+    sums[1] += r0 * t
+    sums[2] += t_r1
+    sums[3] += t_r2
+    sums[4] += r0 * r0 * t
+    sums[5] += t_r1r1
+    sums[6] += t_r2r2
+    sums[7] += r0 * t_r1
+    sums[8] += r0 * t_r2
+    sums[9] += t_r1r2
+
+
+@njit(inline="always", **_JIT)
+def _recurrence_4_rows_sums(grad: np.ndarray, start: int, width: int, cols: int, w_minus_mean: np.ndarray,
+                            e: np.ndarray, ratio: np.ndarray, a: float, c2: float,
+                            q0: float, q1: float, q2: float, q3: float, o0: float, o1: float, o2: float, o3: float,
+                            d0: float, d1: float, d2: float, d3: float, r1_0: float, r1_1: float, r1_2: float,
+                            r1_3: float, t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
+    """Backward twin of :func:`_recurrence_4_rows`: per column ``j``, ``t = g e`` (inside pairs) summed
+    over the four rows into ``t_sum[j]``, weighted by ``r1`` into ``t_r1[j]`` and by ``r1^2`` into
+    ``t_r1r1[j]`` (``r2`` depends on ``j`` only, so the caller weights by it after the rows)."""
+    row0 = np.uint64(start)
+    row1 = np.uint64(start + width)
+    row2 = np.uint64(start + 2 * width)
+    row3 = np.uint64(start + 3 * width)
+    for j in range(cols):
+        u = np.uint64(j)
+        wm = w_minus_mean[j]
+        r = ratio[j]
+        v = e[j]
+        dw = wm - o0
+        t0 = grad[row0 + u] * v if a * (dw * dw) + q0 < c2 else 0.0
+        v = v * (r * d0)
+        dw = wm - o1
+        t1 = grad[row1 + u] * v if a * (dw * dw) + q1 < c2 else 0.0
+        v = v * (r * d1)
+        dw = wm - o2
+        t2 = grad[row2 + u] * v if a * (dw * dw) + q2 < c2 else 0.0
+        v = v * (r * d2)
+        dw = wm - o3
+        t3 = grad[row3 + u] * v if a * (dw * dw) + q3 < c2 else 0.0
+        e[j] = v * (r * d3)
+        w0 = t0 * r1_0
+        w1 = t1 * r1_1
+        w2 = t2 * r1_2
+        w3 = t3 * r1_3
+        t_sum[j] += (t0 + t1) + (t2 + t3)
+        t_r1[j] += (w0 + w1) + (w2 + w3)
+        t_r1r1[j] += (w0 * r1_0 + w1 * r1_1) + (w2 * r1_2 + w3 * r1_3)
+
+
+@njit(inline="always", **_JIT)
+def _recurrence_row_sums(grad: np.ndarray, start: int, cols: int, w_minus_mean: np.ndarray, e: np.ndarray,
+                         ratio: np.ndarray, a: float, c2: float, q_row: float, offset: float, decay: float,
+                         r1: float, t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
+    """One row of :func:`_recurrence_4_rows_sums`."""
+    row = np.uint64(start)
+    for j in range(cols):
+        v = e[j]
+        dw = w_minus_mean[j] - offset
+        t = grad[row + np.uint64(j)] * v if a * (dw * dw) + q_row < c2 else 0.0
+        e[j] = v * (ratio[j] * decay)
+        w = t * r1
+        t_sum[j] += t
+        t_r1[j] += w
+        t_r1r1[j] += w * r1
+
+
+@njit(**_JIT)
+def _section_recurrence_sums(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, w_first: int,
+                             cols: int, c2: float, width: int, grad: np.ndarray, plane_start: int,
+                             sums: np.ndarray, w_minus_mean: np.ndarray, e: np.ndarray, ratio: np.ndarray,
+                             t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
+    """Add one slab section's gradient sums to ``sums`` over its rectangle, without per-voxel ``exp``.
+
+    The same recurrence as :func:`_section_recurrence` (``e = exp(-q/2)``, no intensity); the three
+    per-column accumulators ``t_sum, t_r1, t_r1r1 [>= W]`` are work arrays.
+    """
+    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, 1.0, w_minus_mean, e, ratio)
+    for j in range(cols):
+        t_sum[j] = 0.0
+        t_r1[j] = 0.0
+        t_r1r1[j] = 0.0
+    a = p[PREC_W]
+    power = 1.0  # row_decay ** (h - h_first)
+    h = h_first
+    while h + 3 <= h_last:
+        q_0, o_0 = _row_terms(p, r0, q0, h)
+        q_1, o_1 = _row_terms(p, r0, q0, h + 1)
+        q_2, o_2 = _row_terms(p, r0, q0, h + 2)
+        q_3, o_3 = _row_terms(p, r0, q0, h + 3)
+        d_1 = power * row_decay
+        d_2 = d_1 * row_decay
+        d_3 = d_2 * row_decay
+        _recurrence_4_rows_sums(grad, plane_start + h * width + w_first, width, cols, w_minus_mean, e, ratio, a,
+                                c2, q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_3,
+                                h - p[M1], (h + 1) - p[M1], (h + 2) - p[M1], (h + 3) - p[M1], t_sum, t_r1, t_r1r1)
+        power = d_3 * row_decay
+        h += 4
+    while h <= h_last:
+        q_row, offset = _row_terms(p, r0, q0, h)
+        _recurrence_row_sums(grad, plane_start + h * width + w_first, cols, w_minus_mean, e, ratio, a, c2, q_row,
+                             offset, power, h - p[M1], t_sum, t_r1, t_r1r1)
+        power *= row_decay
+        h += 1
+    t = t_r2 = t_r2r2 = s_r1 = s_r1r1 = s_r1r2 = 0.0
+    for j in range(cols):
+        wm = w_minus_mean[j]
+        t += t_sum[j]
+        t_r2 += wm * t_sum[j]
+        t_r2r2 += wm * wm * t_sum[j]
+        s_r1 += t_r1[j]
+        s_r1r1 += t_r1r1[j]
+        s_r1r2 += wm * t_r1[j]
+    _add_sums(sums, r0, s_r1, s_r1r1, s_r1r2, t, t_r2, t_r2r2)
+
+
+@njit(**_JIT)
 def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad: np.ndarray, batch: int,
                    depth: int, height: int, width: int, c2: float, sums: np.ndarray, first: int,
                    last: int) -> None:
     """Gradient sums ``sums[g]`` of the Gaussians ``first <= g < last`` for the upstream ``grad [B*D*H*W]``.
 
-    Each Gaussian reads the gradient along the chords of its own ellipsoid; calls with disjoint
-    ranges write disjoint rows of ``sums`` and may run concurrently.
+    ``sums [B*N, NUM_SUMS]`` (overwritten): with ``t = g e`` over the inside voxels, ``r`` the voxel
+    offset from the mean, the sums of ``t`` times 1, r0, r1, r2, r0^2, r1^2, r2^2, r0 r1, r0 r2, r1 r2.
+    Each Gaussian reads the gradient over its own sections, by the recurrence or the row walk as the
+    forward pass does; calls with disjoint ranges write disjoint rows of ``sums`` and may run concurrently.
     """
     n = params.shape[0] // batch
+    w_minus_mean, e, ratio = np.empty(width), np.empty(width), np.empty(width)
+    t_sum, t_r1, t_r1r1 = np.empty(width), np.empty(width), np.empty(width)
     for g in range(first, last):
         b = g // n
         p = params[g]
-        s11 = p[SCHUR_H]
-        a = p[PREC_W]
-        inv_a = 1.0 / a
-        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = 0.0
+        out = sums[g]
+        out[:] = 0.0
         for d in range(d_lo[g], d_hi[g] + 1):
             r0 = d - p[M0]
             q0 = p[SCHUR_D] * (r0 * r0)
             if not q0 < c2:
                 continue
-            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / s11), height)
-            for h in range(h_first, h_last + 1):
-                r1 = h - p[M1]
-                dh = r1 - p[SLOPE1] * r0
-                q_row = q0 + s11 * (dh * dh)
-                if not q_row < c2:
-                    continue
-                offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
-                lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
-                if lo > hi:
-                    continue
-                peak = _peak(p[M2], offset, lo, hi)
-                delta = (peak - p[M2]) - offset
-                t0, t1, t2 = _row_sums(grad, ((b * depth + d) * height + h) * width, lo, hi, peak, delta,
-                                       a, p[DECAY], q_row, peak - p[M2])
-                a0 += t0
-                a1 += r0 * t0
-                a2 += r1 * t0
-                a3 += t1
-                a4 += r0 * r0 * t0
-                a5 += r1 * r1 * t0
-                a6 += t2
-                a7 += r0 * r1 * t0
-                a8 += r0 * t1
-                a9 += r1 * t1
-        sums[g, 0] = a0
-        sums[g, 1] = a1
-        sums[g, 2] = a2
-        sums[g, 3] = a3
-        sums[g, 4] = a4
-        sums[g, 5] = a5
-        sums[g, 6] = a6
-        sums[g, 7] = a7
-        sums[g, 8] = a8
-        sums[g, 9] = a9
+            h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / p[SCHUR_H]), height)
+            if h_first > h_last:
+                continue
+            plane_start = (b * depth + d) * height * width
+            w_first, cols = _section_rectangle(p, r0, q0, h_first, h_last, c2, width)
+            if cols > 0:
+                _section_recurrence_sums(p, r0, q0, h_first, h_last, w_first, cols, c2, width, grad, plane_start,
+                                         out, w_minus_mean, e, ratio, t_sum, t_r1, t_r1r1)
+            else:
+                _section_walk_sums(p, r0, q0, h_first, h_last, c2, width, grad, plane_start, out)
 
 
 # ---------------------------------------------------------------------------------------- points

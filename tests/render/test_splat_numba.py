@@ -174,6 +174,19 @@ def test_dense_takes_both_routes_and_each_matches_brute_force():
         expected, ambiguous = brute_force(g, shape, 3.0)
         _assert_close(splat(g, shape, cutoff=3.0, backend="numba").reshape(1, -1), expected, 1e-11,
                       "dense", keep=~ambiguous)
+        _assert_grads_match_torch(g, shape, 3.0, rtol=1e-10)
+
+
+def _assert_grads_match_torch(g: Gaussians, shape: tuple[int, int, int], cutoff: float, rtol: float) -> None:
+    """Dense backward: gradients for a shared random cotangent equal the torch reference's autograd."""
+    cotangent = torch.randn((g.batch_size, 1, *shape), dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    grads = {}
+    for backend in ("numba", "torch"):
+        leaves = _leaves(g)
+        out = splat(Gaussians(*leaves), shape, cutoff=cutoff, backend=backend)
+        grads[backend] = torch.autograd.grad((out * cotangent).sum(), leaves)
+    for name, a, e in zip(("means", "scales", "quats", "intensities"), grads["numba"], grads["torch"]):
+        _assert_close(a, e, rtol, f"grad {name}")
 
 
 def test_dense_recurrence_stays_accurate_over_long_sections():
@@ -190,6 +203,7 @@ def test_dense_recurrence_stays_accurate_over_long_sections():
     assert np.abs(out - expected)[keep].max() <= 1e-12 * np.abs(expected).max()
     inside = keep & (expected != 0)  # relative error voxel by voxel, down to exp(-4.5) of the peak
     assert (np.abs(out - expected)[inside] / np.abs(expected[inside])).max() <= 1e-12
+    _assert_grads_match_torch(g, shape, 3.0, rtol=1e-10)
 
 
 def test_single_gaussian_analytic_values():
