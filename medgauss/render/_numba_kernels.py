@@ -363,7 +363,7 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
     for slab in range(first, last):
         b = slab // depth
         d = slab - b * depth
-        touched = False
+        h_min, h_max = height, -1  # rows of acc written in this slab
         for i in range(n):
             g = b * n + i
             if d < d_lo[g] or d > d_hi[g]:
@@ -376,18 +376,18 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
             h_first, h_last = _padded_range(p[M1] + p[SLOPE1] * r0, math.sqrt((c2 - q0) / p[SCHUR_H]), height)
             if h_first > h_last:
                 continue
-            touched = True
+            h_min = min(h_min, h_first)
+            h_max = max(h_max, h_last)
             w_first, cols = _section_rectangle(p, r0, q0, h_first, h_last, c2, width)
             if cols > 0:
                 _section_recurrence(p, r0, q0, h_first, h_last, w_first, cols, c2, width, acc, w_minus_mean, e,
                                     ratio)
             else:
                 _section_walk(p, r0, q0, h_first, h_last, c2, width, acc)
-        if touched:
-            base = slab * plane
-            for k in range(plane):
-                out[base + k] += acc[k]
-                acc[k] = 0.0
+        base = slab * plane
+        for k in range(h_min * width, (h_max + 1) * width):
+            out[base + k] += acc[k]
+            acc[k] = 0.0
 
 
 @njit(**_JIT)
