@@ -30,9 +30,10 @@ vectorised along W, four rows per pass. Sections whose rectangle reaches ``q >= 
 sheared Gaussians; ``cutoff=None``) take the row walk.
 Dense backward: parallel over Gaussians; each owns its 10 gradient sums and reads the upstream
 gradient over the same sections by the same two routes (per column, the recurrence sums ``g e``
-weighted by 1, r1 and r1^2; the weights in r2 depend on the column only and are applied once). Points: Gaussians are binned into a coarse cell grid (CSR) and
-points are sorted by cell; the forward pass is parallel over cells (each runs its Gaussian list
-against its own points), the backward over ranges of cells with private gradient buffers.
+weighted by 1, r1 and r1^2; the weights in r2 depend on the column only and are applied once).
+Points: Gaussians are binned into a coarse cell grid (CSR) and points are sorted by cell; the
+forward pass is parallel over cells (each runs its Gaussian list against its own points), the
+backward over ranges of cells with private gradient buffers.
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def _section_walk(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int
                   acc: np.ndarray) -> None:
     """Add one Gaussian's slab section to ``acc [H*W]`` row by row, exact chords and multiplicative walks.
 
-    The general route: any section, any ``c2`` (also ``inf``), two or three ``exp`` per row.
+    The general route: any section, any ``c2``, two or three ``exp`` per row.
     """
     s11 = p[SCHUR_H]
     a = p[PREC_W]
@@ -612,8 +613,8 @@ def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad:
     for g in range(first, last):
         b = g // n
         p = params[g]
-        out = sums[g]
-        out[:] = 0.0
+        own = sums[g]
+        own[:] = 0.0
         for d in range(d_lo[g], d_hi[g] + 1):
             r0 = d - p[M0]
             q0 = p[SCHUR_D] * (r0 * r0)
@@ -626,9 +627,9 @@ def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad:
             w_first, cols = _section_rectangle(p, r0, q0, h_first, h_last, c2, width)
             if cols > 0:
                 _section_recurrence_sums(p, r0, q0, h_first, h_last, w_first, cols, c2, width, grad, plane_start,
-                                         out, w_minus_mean, e, ratio, t_sum, t_r1, t_r1r1)
+                                         own, w_minus_mean, e, ratio, t_sum, t_r1, t_r1r1)
             else:
-                _section_walk_sums(p, r0, q0, h_first, h_last, c2, width, grad, plane_start, out)
+                _section_walk_sums(p, r0, q0, h_first, h_last, c2, width, grad, plane_start, own)
 
 
 # ---------------------------------------------------------------------------------------- points
