@@ -6,7 +6,9 @@ second (pairs inside the cutoff ellipsoid and the volume, estimated by Monte Car
 peak extra memory, and ratios to the torch reference measured in the same run (where the reference
 is affordable: it evaluates every pair, so rows above --torch-max-pairs skip it). Times are medians
 over --repeat calls. The machine's ceiling, torch.exp elements per second on a large float32 tensor,
-is measured in the same run by the same statistic (its best call is printed beside it).
+is measured in the same run by the same statistic: once at the start (printed, with its best call)
+and again right before each row, whose pairs/s is divided by that adjacent measurement (a shared
+machine's speed drifts over the minutes a full grid takes).
 
     python benchmarks/splat.py --quick          # a few rows, ~2 minutes on 2 cores
     python benchmarks/splat.py                  # the full grid of the foundation issue
@@ -234,9 +236,10 @@ def main() -> None:
                         rows.append({"backend": backend, "n": n, "edge": edge, "size": size, "skipped": True})
                         print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8}   skipped (too many pairs for this backend)")
                         continue
+                    row_ceiling = exp_ceiling(args.device, repeat=3)[0]
                     res = bench_row(backend, g, edge, args.cutoff, args.device, args.repeat)
                     res.update(backend=backend, n=n, edge=edge, size=size, pairs=pairs,
-                               pairs_per_s=pairs / (res["fwd_ms"] / 1e3))
+                               pairs_per_s=pairs / (res["fwd_ms"] / 1e3), exp_elements_per_s=row_ceiling)
                     if backend == "torch":
                         ref = res
                     res["fwd_speedup_vs_torch"] = ref["fwd_ms"] / res["fwd_ms"] if ref else None
@@ -246,7 +249,7 @@ def main() -> None:
                     fbx = f"{res['fwd_bwd_speedup_vs_torch']:.0f}x" if ref else "-"
                     print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8} "
                           f"{res['fwd_ms']:>10.1f} {res['fwd_bwd_ms']:>11.1f} "
-                          f"{res['pairs_per_s']:>9.2e} {res['pairs_per_s'] / ceiling:>5.2f} "
+                          f"{res['pairs_per_s']:>9.2e} {res['pairs_per_s'] / row_ceiling:>5.2f} "
                           f"{res['traced_fwd_bwd_mib']:>5.0f}/{res['rss_fwd_bwd_mib']:<5.0f} {fx:>7} {fbx:>7}",
                           flush=True)
     out = Path(args.json)
