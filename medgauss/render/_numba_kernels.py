@@ -164,6 +164,32 @@ def _add_row(out: np.ndarray, base: int, lo: int, hi: int, peak: int, delta: flo
         out[base + peak - k] += e_left
 
 
+@njit(inline="always", **_JIT)
+def _row_terms(p: np.ndarray, r0: float, q0: float, h: int) -> tuple[float, float]:
+    """``(q_row, offset)`` of row ``h`` in the slab ``r0``: the same operations as every row loop."""
+    r1 = h - p[M1]
+    dh = r1 - p[SLOPE1] * r0
+    return q0 + p[SCHUR_H] * (dh * dh), p[SLOPE20] * r0 + p[SLOPE21] * r1
+
+
+@njit(**_JIT)
+def _walk_chord(p: np.ndarray, r0: float, q0: float, h: int, c2: float, width: int, inv_a: float
+                ) -> tuple[float, int, int, int, float]:
+    """Row ``h`` of a slab for the row walks: ``(q_row, lo, hi, peak, delta)``; no voxels when ``lo > hi``.
+
+    ``[lo, hi]`` is the chord, ``peak`` its voxel nearest the minimum of ``q`` and ``delta`` that
+    voxel's offset from the minimum (``inv_a = 1 / A``).
+    """
+    q_row, offset = _row_terms(p, r0, q0, h)
+    if not q_row < c2:
+        return q_row, 1, 0, 0, 0.0
+    lo, hi = _chord(p[M2], offset, p[PREC_W], inv_a, q_row, c2, width)
+    if lo > hi:
+        return q_row, lo, hi, 0, 0.0
+    peak = _peak(p[M2], offset, lo, hi)
+    return q_row, lo, hi, peak, (peak - p[M2]) - offset
+
+
 @njit(**_JIT)
 def _section_walk(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, c2: float, width: int,
                   acc: np.ndarray) -> None:
@@ -171,30 +197,12 @@ def _section_walk(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int
 
     The general route: any section, any ``c2``, two or three ``exp`` per row.
     """
-    s11 = p[SCHUR_H]
     a = p[PREC_W]
     inv_a = 1.0 / a
     for h in range(h_first, h_last + 1):
-        r1 = h - p[M1]
-        dh = r1 - p[SLOPE1] * r0
-        q_row = q0 + s11 * (dh * dh)
-        if not q_row < c2:
-            continue
-        offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
-        lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
-        if lo > hi:
-            continue
-        peak = _peak(p[M2], offset, lo, hi)
-        delta = (peak - p[M2]) - offset
-        _add_row(acc, h * width, lo, hi, peak, delta, a, p[DECAY], q_row, p[INTENSITY])
-
-
-@njit(inline="always", **_JIT)
-def _row_terms(p: np.ndarray, r0: float, q0: float, h: int) -> tuple[float, float]:
-    """``(q_row, offset)`` of row ``h`` in the slab ``r0``: the same operations as every row loop."""
-    r1 = h - p[M1]
-    dh = r1 - p[SLOPE1] * r0
-    return q0 + p[SCHUR_H] * (dh * dh), p[SLOPE20] * r0 + p[SLOPE21] * r1
+        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width, inv_a)
+        if lo <= hi:
+            _add_row(acc, h * width, lo, hi, peak, delta, a, p[DECAY], q_row, p[INTENSITY])
 
 
 @njit(**_JIT)
@@ -315,6 +323,22 @@ def _recurrence_4_rows(acc: np.ndarray, start: int, width: int, cols: int, w_min
         e[j] = v * (r * d3)
 
 
+@njit(inline="always", **_JIT)
+def _four_rows(p: np.ndarray, r0: float, q0: float, h: int, power: float, row_decay: float
+               ) -> tuple[float, float, float, float, float, float, float, float, float, float, float, float]:
+    """Terms of rows ``h .. h+3`` for a recurrence pass: ``q_row`` x4, ``offset`` x4, decay powers x4.
+
+    ``power`` is ``row_decay ** (h - h_first)``; the decays are it times ``row_decay ** k``.
+    """
+    q_0, o_0 = _row_terms(p, r0, q0, h)
+    q_1, o_1 = _row_terms(p, r0, q0, h + 1)
+    q_2, o_2 = _row_terms(p, r0, q0, h + 2)
+    q_3, o_3 = _row_terms(p, r0, q0, h + 3)
+    d_1 = power * row_decay
+    d_2 = d_1 * row_decay
+    return q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_2 * row_decay
+
+
 @njit(**_JIT)
 def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int, w_first: int,
                         cols: int, c2: float, width: int, acc: np.ndarray, w_minus_mean: np.ndarray,
@@ -329,15 +353,9 @@ def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_las
     power = 1.0  # row_decay ** (h - h_first)
     h = h_first
     while h + 3 <= h_last:
-        q_0, o_0 = _row_terms(p, r0, q0, h)
-        q_1, o_1 = _row_terms(p, r0, q0, h + 1)
-        q_2, o_2 = _row_terms(p, r0, q0, h + 2)
-        q_3, o_3 = _row_terms(p, r0, q0, h + 3)
-        d_1 = power * row_decay
-        d_2 = d_1 * row_decay
-        d_3 = d_2 * row_decay
+        q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, power, row_decay)
         _recurrence_4_rows(acc, h * width + w_first, width, cols, w_minus_mean, e, ratio, a, c2,
-                           q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_3)
+                           q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3)
         power = d_3 * row_decay
         h += 4
     while h <= h_last:
@@ -455,23 +473,15 @@ def _section_walk_sums(p: np.ndarray, r0: float, q0: float, h_first: int, h_last
 
     ``grad[plane_start + h * width + w]`` is the upstream gradient of the slab.
     """
-    s11 = p[SCHUR_H]
     a = p[PREC_W]
     inv_a = 1.0 / a
     for h in range(h_first, h_last + 1):
-        r1 = h - p[M1]
-        dh = r1 - p[SLOPE1] * r0
-        q_row = q0 + s11 * (dh * dh)
-        if not q_row < c2:
-            continue
-        offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
-        lo, hi = _chord(p[M2], offset, a, inv_a, q_row, c2, width)
+        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width, inv_a)
         if lo > hi:
             continue
-        peak = _peak(p[M2], offset, lo, hi)
-        delta = (peak - p[M2]) - offset
         t0, t1, t2 = _row_sums(grad, plane_start + h * width, lo, hi, peak, delta, a, p[DECAY], q_row,
                                peak - p[M2])
+        r1 = h - p[M1]
         _add_sums(sums, r0, r1 * t0, r1 * r1 * t0, r1 * t1, t0, t1, t2)
 
 
@@ -566,15 +576,9 @@ def _section_recurrence_sums(p: np.ndarray, r0: float, q0: float, h_first: int, 
     power = 1.0  # row_decay ** (h - h_first)
     h = h_first
     while h + 3 <= h_last:
-        q_0, o_0 = _row_terms(p, r0, q0, h)
-        q_1, o_1 = _row_terms(p, r0, q0, h + 1)
-        q_2, o_2 = _row_terms(p, r0, q0, h + 2)
-        q_3, o_3 = _row_terms(p, r0, q0, h + 3)
-        d_1 = power * row_decay
-        d_2 = d_1 * row_decay
-        d_3 = d_2 * row_decay
+        q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, power, row_decay)
         _recurrence_4_rows_sums(grad, plane_start + h * width + w_first, width, cols, w_minus_mean, e, ratio, a,
-                                c2, q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_3,
+                                c2, q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3,
                                 h - p[M1], (h + 1) - p[M1], (h + 2) - p[M1], (h + 3) - p[M1], t_sum, t_r1, t_r1r1)
         power = d_3 * row_decay
         h += 4
