@@ -192,7 +192,12 @@ def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int
         params[:, kernels.PREC_W] = a
         params[:, kernels.SLOPE20] = -p02 / a
         params[:, kernels.SLOPE21] = -p12 / a
+        params[:, kernels.INV_PREC_W] = 1.0 / a
         params[:, kernels.DECAY] = np.exp(-a)
+        # The recurrence's other constant factors: used only where it applies (then far inside
+        # float64's range); the clip keeps them finite for every other Gaussian.
+        params[:, kernels.ROW_DECAY] = np.exp(-np.minimum(s11 + a * params[:, kernels.SLOPE21] ** 2, 1e300))
+        params[:, kernels.RATIO_STEP] = np.exp(np.clip(a * params[:, kernels.SLOPE21], -700.0, 700.0))
         params[:, kernels.INTENSITY] = _to_numpy(intensities).reshape(-1)
     pivots = np.stack([a, s11, schur_d], axis=1)
     bad = ~(np.isfinite(params).all(axis=1) & (pivots > 0).all(axis=1))

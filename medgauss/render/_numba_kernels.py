@@ -10,9 +10,12 @@ and its precision ``P`` in the factored (LDL) form used by every kernel::
       + A * (r2 - SLOPE20 * r0 - SLOPE21 * r1)^2   (W given D, H; A = P_22)
 
 which equals ``r^T P r`` exactly in real arithmetic and is well conditioned in floating point.
-A term counts when ``q < c2``. Every kernel evaluates ``q`` with the same sequence of floating
-point operations, so the dense and the point kernels, forward and backward, agree on which
-(Gaussian, voxel) pairs are inside, and a pair skipped by culling is always one with ``q >= c2``.
+A term counts when ``q < c2``, tested as ``dw^2 < lim`` with ``dw = r2 - SLOPE20 * r0 - SLOPE21 * r1``
+and the row's limit ``lim = (c2 - q_row) / A`` (``q_row``: the first two terms): one subtraction,
+one multiplication and a comparison per voxel in the vectorised loops. Every kernel evaluates
+``q_row``, ``lim`` and ``dw`` with the same sequence of floating point operations, so the dense
+and the point kernels, forward and backward, agree on which (Gaussian, voxel) pairs are inside,
+and a pair skipped by culling is always one with ``q >= c2``.
 
 Kernels are plain ``nogil`` functions over an index range; the adapter runs disjoint ranges on
 a thread pool (no ``parallel=True``: its compilation costs tens of seconds, and the pool balances
@@ -44,8 +47,11 @@ import numpy as np
 from numba import njit
 
 # Columns of ``params``.
-M0, M1, M2, SCHUR_D, SCHUR_H, SLOPE1, PREC_W, SLOPE20, SLOPE21, DECAY, INTENSITY = range(11)
-NUM_PARAMS = 11
+# INV_PREC_W = 1 / A; DECAY = exp(-A); ROW_DECAY = exp(-(S11 + A SLOPE21^2)) and RATIO_STEP = exp(A SLOPE21)
+# are the constant factors of the dense recurrence.
+M0, M1, M2, SCHUR_D, SCHUR_H, SLOPE1, PREC_W, SLOPE20, SLOPE21, INV_PREC_W, DECAY, ROW_DECAY, RATIO_STEP, INTENSITY = \
+    range(14)
+NUM_PARAMS = 14
 # Columns of the per-Gaussian gradient sums, weighted by the upstream gradient g and e = exp(-q/2):
 # sum(g e), sum(g e r_a) for a = 0..2, sum(g e r_a r_b) in the packed order 00, 11, 22, 01, 02, 12.
 NUM_SUMS = 10
@@ -69,31 +75,37 @@ def _padded_range(center: float, half: float, n: int) -> tuple[int, int]:
 
 
 @njit(**_JIT)
-def _row_q(w: int, m2: float, offset: float, a: float, q_row: float) -> float:
-    dw = (w - m2) - offset
-    return a * (dw * dw) + q_row
+def _row_limit(q_row: float, c2: float, inv_a: float) -> float:
+    """``lim = (c2 - q_row) / A`` of a row: its voxels with ``dw^2 < lim`` are inside (``inv_a = 1 / A``)."""
+    return (c2 - q_row) * inv_a
 
 
 @njit(**_JIT)
-def _chord(m2: float, offset: float, a: float, inv_a: float, q_row: float, c2: float, n: int
-           ) -> tuple[int, int]:
-    """Voxels ``[lo, hi]`` of a row (``0 <= w < n``) with ``q(w) < c2``; empty when ``lo > hi``.
+def _inside(w: int, m2: float, offset: float, lim: float) -> bool:
+    """The inside test of voxel ``w`` of a row, by the same operations as every other kernel's."""
+    dw = (w - m2) - offset
+    return dw * dw < lim
 
-    Estimated from the quadratic (``inv_a = 1 / a``, a multiplication instead of a division per
-    row), then moved until the ends agree with ``_row_q`` itself (``q`` is monotone on each side of
-    its minimum, so the inside set is one interval): the estimate never changes the result.
+
+@njit(**_JIT)
+def _chord(m2: float, offset: float, lim: float, n: int) -> tuple[int, int]:
+    """Voxels ``[lo, hi]`` of a row (``0 <= w < n``) that pass ``_inside`` (``lim > 0``); empty when ``lo > hi``.
+
+    Estimated as ``m2 + offset +- sqrt(lim)``, then moved until the ends agree with ``_inside``
+    itself (``dw^2`` is monotone on each side of its minimum, so the inside set is one interval):
+    the estimate never changes the result.
     """
     center = m2 + offset
-    half = math.sqrt((c2 - q_row) * inv_a)
+    half = math.sqrt(lim)
     lo = max(math.ceil(max(center - half, -1.0)), 0)
     hi = min(math.floor(min(center + half, float(n))), n - 1)
-    while lo <= hi and not _row_q(lo, m2, offset, a, q_row) < c2:
+    while lo <= hi and not _inside(lo, m2, offset, lim):
         lo += 1
-    while lo > 0 and lo <= hi + 1 and _row_q(lo - 1, m2, offset, a, q_row) < c2:
+    while lo > 0 and lo <= hi + 1 and _inside(lo - 1, m2, offset, lim):
         lo -= 1
-    while hi >= lo and not _row_q(hi, m2, offset, a, q_row) < c2:
+    while hi >= lo and not _inside(hi, m2, offset, lim):
         hi -= 1
-    while hi < n - 1 and hi >= lo - 1 and _row_q(hi + 1, m2, offset, a, q_row) < c2:
+    while hi < n - 1 and hi >= lo - 1 and _inside(hi + 1, m2, offset, lim):
         hi += 1
     return lo, hi
 
@@ -105,17 +117,18 @@ def _peak(m2: float, offset: float, lo: int, hi: int) -> int:
 
 
 @njit(**_JIT)
-def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float) -> tuple[float, float, float, float]:
-    """``(q, r0, r1, r2)`` of Gaussian row ``p`` at voxel coordinate ``u``, in the kernels' common form."""
+def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float, c2: float
+                 ) -> tuple[bool, float, float, float, float]:
+    """``(inside, q, r0, r1, r2)`` of Gaussian row ``p`` at voxel coordinate ``u``, in the kernels' common form."""
     r0 = u0 - p[M0]
     r1 = u1 - p[M1]
-    q = p[SCHUR_D] * (r0 * r0)
+    q_row = p[SCHUR_D] * (r0 * r0)
     dh = r1 - p[SLOPE1] * r0
-    q = q + p[SCHUR_H] * (dh * dh)
+    q_row = q_row + p[SCHUR_H] * (dh * dh)
     offset = p[SLOPE20] * r0 + p[SLOPE21] * r1
     dw = (u2 - p[M2]) - offset
-    q = p[PREC_W] * (dw * dw) + q
-    return q, r0, r1, u2 - p[M2]
+    dw2 = dw * dw
+    return dw2 < _row_limit(q_row, c2, p[INV_PREC_W]), p[PREC_W] * dw2 + q_row, r0, r1, u2 - p[M2]
 
 
 # ---------------------------------------------------------------------------------------- dense
@@ -173,17 +186,17 @@ def _row_terms(p: np.ndarray, r0: float, q0: float, h: int) -> tuple[float, floa
 
 
 @njit(**_JIT)
-def _walk_chord(p: np.ndarray, r0: float, q0: float, h: int, c2: float, width: int, inv_a: float
+def _walk_chord(p: np.ndarray, r0: float, q0: float, h: int, c2: float, width: int
                 ) -> tuple[float, int, int, int, float]:
     """Row ``h`` of a slab for the row walks: ``(q_row, lo, hi, peak, delta)``; no voxels when ``lo > hi``.
 
     ``[lo, hi]`` is the chord, ``peak`` its voxel nearest the minimum of ``q`` and ``delta`` that
-    voxel's offset from the minimum (``inv_a = 1 / A``).
+    voxel's offset from the minimum.
     """
     q_row, offset = _row_terms(p, r0, q0, h)
-    if not q_row < c2:
+    if not q_row < c2:  # then lim <= 0: no voxel is inside
         return q_row, 1, 0, 0, 0.0
-    lo, hi = _chord(p[M2], offset, p[PREC_W], inv_a, q_row, c2, width)
+    lo, hi = _chord(p[M2], offset, _row_limit(q_row, c2, p[INV_PREC_W]), width)
     if lo > hi:
         return q_row, lo, hi, 0, 0.0
     peak = _peak(p[M2], offset, lo, hi)
@@ -198,18 +211,18 @@ def _section_walk(p: np.ndarray, r0: float, q0: float, h_first: int, h_last: int
     The general route: any section, any ``c2``, two or three ``exp`` per row.
     """
     a = p[PREC_W]
-    inv_a = 1.0 / a
     for h in range(h_first, h_last + 1):
-        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width, inv_a)
+        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width)
         if lo <= hi:
             _add_row(acc, h * width, lo, hi, peak, delta, a, p[DECAY], q_row, p[INTENSITY])
 
 
 @njit(**_JIT)
 def _section_q(p: np.ndarray, r0: float, q0: float, h: int, w: int) -> float:
-    """``q`` at voxel ``(h, w)`` of the slab ``r0``, by the same operations as every row loop."""
+    """``q`` at voxel ``(h, w)`` of the slab ``r0`` (for the range check of a rectangle's corners)."""
     q_row, offset = _row_terms(p, r0, q0, h)
-    return _row_q(w, p[M2], offset, p[PREC_W], q_row)
+    dw = (w - p[M2]) - offset
+    return p[PREC_W] * (dw * dw) + q_row
 
 
 @njit(**_JIT)
@@ -240,13 +253,14 @@ def _section_rectangle(p: np.ndarray, r0: float, q0: float, h_first: int, h_last
 
 @njit(**_JIT)
 def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first: int, cols: int, scale: float,
-                      w_minus_mean: np.ndarray, e: np.ndarray, ratio: np.ndarray) -> float:
-    """First row of the recurrence; returns its constant ``exp(-(S11 + A SLOPE21^2))`` along H.
+                      w_minus_mean: np.ndarray, e: np.ndarray, ratio: np.ndarray) -> None:
+    """First row of the recurrence over a section's rectangle (three ``exp``).
 
     Writes for ``j < cols`` (``w = w_first + j``): ``w_minus_mean[j] = w - mean_W``,
-    ``e[j] = scale * exp(-q(h_first, w) / 2)`` and ``ratio[j] = e(h_first + 1, w) / e(h_first, w)``,
-    each a geometric sequence in ``j`` (four ``exp``; the differences of ``q`` are taken
-    analytically, so no cancellation enters the ratios).
+    ``e[j] = scale * exp(-q(h_first, w) / 2)`` and ``ratio[j] = e(h_first + 1, w) / e(h_first, w)``.
+    Along ``j`` both are geometric: ``e[j+1] = e[j] * step[j]`` with ``step[j+1] = step[j] * DECAY``,
+    and ``ratio[j+1] = ratio[j] * RATIO_STEP`` (the differences of ``q`` are taken analytically, so
+    no cancellation enters the factors).
     """
     s11 = p[SCHUR_H]
     a = p[PREC_W]
@@ -256,18 +270,17 @@ def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first
     dw = (w_first - p[M2]) - (p[SLOPE20] * r0 + slope21 * r1)
     q = q0 + s11 * (dh * dh) + a * (dw * dw)
     value = scale * math.exp(-0.5 * q)
-    step = math.exp(-0.5 * a * (2.0 * dw + 1.0))           # e(w + 1) / e(w) on the first row
-    step_decay = p[DECAY]                                  # exp(-a): ratio of consecutive steps
+    step = math.exp(-0.5 * a * (2.0 * dw + 1.0))
     row_ratio = math.exp(-0.5 * (s11 * (2.0 * dh + 1.0) + a * slope21 * (slope21 - 2.0 * dw)))
-    row_ratio_step = math.exp(a * slope21)                 # ratio(w + 1) / ratio(w)
+    decay = p[DECAY]
+    ratio_step = p[RATIO_STEP]
     for j in range(cols):
-        w_minus_mean[j] = (w_first + j) - p[M2]
+        w_minus_mean[j] = (w_first + j) - p[M2]  # the first operation of every kernel's dw
         e[j] = value
         ratio[j] = row_ratio
         value *= step
-        step *= step_decay
-        row_ratio *= row_ratio_step
-    return math.exp(-(s11 + a * slope21 * slope21))
+        step *= decay
+        row_ratio *= ratio_step
 
 
 # The two row functions take the rows' terms as scalars: small arrays passed per call cost numba
@@ -276,29 +289,29 @@ def _recurrence_seeds(p: np.ndarray, r0: float, q0: float, h_first: int, w_first
 
 @njit(inline="always", **_JIT)
 def _recurrence_row(acc: np.ndarray, start: int, cols: int, w_minus_mean: np.ndarray, e: np.ndarray,
-                    ratio: np.ndarray, a: float, c2: float, q_row: float, offset: float, decay: float) -> None:
-    """One row of a section: ``acc[start + j] += e[j]`` where ``q < c2``; then ``e`` moves to the next row.
+                    ratio: np.ndarray, lim: float, offset: float, decay: float) -> None:
+    """One row of a section: ``acc[start + j] += e[j]`` where inside; then ``e`` moves to the next row.
 
-    ``q_row``, ``offset`` are the row's terms of ``q`` (computed by the caller exactly as in every
-    row loop) and ``decay`` the power of the H decay that turns ``ratio`` into this row's ratio.
-    The inside test evaluates ``q`` with ``_row_q``'s operations (this module compiles without
-    ``contract``: no fused multiply-adds), so it selects exactly the pairs every other kernel does.
-    Indices are unsigned so numba emits no negative-index wraparound, which would block
-    vectorisation; the loop over ``j`` vectorises (AVX2: 4 float64 per instruction).
+    ``lim``, ``offset`` are the row's terms of the inside test (computed by the caller exactly as in
+    every kernel) and ``decay`` the power of the H decay that turns ``ratio`` into this row's ratio.
+    This module compiles without ``contract`` (no fused multiply-adds), so the test selects exactly
+    the pairs every other kernel does. Indices are unsigned so numba emits no negative-index
+    wraparound, which would block vectorisation; the loop over ``j`` vectorises (AVX2: 4 float64 per
+    instruction).
     """
     row = np.uint64(start)
     for j in range(cols):
         v = e[j]
         dw = w_minus_mean[j] - offset
-        acc[row + np.uint64(j)] += v if a * (dw * dw) + q_row < c2 else 0.0
+        acc[row + np.uint64(j)] += v if dw * dw < lim else 0.0
         e[j] = v * (ratio[j] * decay)
 
 
 @njit(inline="always", **_JIT)
 def _recurrence_4_rows(acc: np.ndarray, start: int, width: int, cols: int, w_minus_mean: np.ndarray,
-                       e: np.ndarray, ratio: np.ndarray, a: float, c2: float,
-                       q0: float, q1: float, q2: float, q3: float, o0: float, o1: float, o2: float, o3: float,
-                       d0: float, d1: float, d2: float, d3: float) -> None:
+                       e: np.ndarray, ratio: np.ndarray, l0: float, l1: float, l2: float, l3: float,
+                       o0: float, o1: float, o2: float, o3: float, d0: float, d1: float, d2: float, d3: float
+                       ) -> None:
     """:func:`_recurrence_row` for four consecutive rows in one pass (``e`` loaded and stored once)."""
     row0 = np.uint64(start)
     row1 = np.uint64(start + width)
@@ -310,33 +323,36 @@ def _recurrence_4_rows(acc: np.ndarray, start: int, width: int, cols: int, w_min
         r = ratio[j]
         v = e[j]
         dw = wm - o0
-        acc[row0 + u] += v if a * (dw * dw) + q0 < c2 else 0.0
+        acc[row0 + u] += v if dw * dw < l0 else 0.0
         v = v * (r * d0)
         dw = wm - o1
-        acc[row1 + u] += v if a * (dw * dw) + q1 < c2 else 0.0
+        acc[row1 + u] += v if dw * dw < l1 else 0.0
         v = v * (r * d1)
         dw = wm - o2
-        acc[row2 + u] += v if a * (dw * dw) + q2 < c2 else 0.0
+        acc[row2 + u] += v if dw * dw < l2 else 0.0
         v = v * (r * d2)
         dw = wm - o3
-        acc[row3 + u] += v if a * (dw * dw) + q3 < c2 else 0.0
+        acc[row3 + u] += v if dw * dw < l3 else 0.0
         e[j] = v * (r * d3)
 
 
 @njit(inline="always", **_JIT)
-def _four_rows(p: np.ndarray, r0: float, q0: float, h: int, power: float, row_decay: float
+def _four_rows(p: np.ndarray, r0: float, q0: float, h: int, c2: float, power: float
                ) -> tuple[float, float, float, float, float, float, float, float, float, float, float, float]:
-    """Terms of rows ``h .. h+3`` for a recurrence pass: ``q_row`` x4, ``offset`` x4, decay powers x4.
+    """Terms of rows ``h .. h+3`` for a recurrence pass: ``lim`` x4, ``offset`` x4, decay powers x4.
 
-    ``power`` is ``row_decay ** (h - h_first)``; the decays are it times ``row_decay ** k``.
+    ``power`` is ``ROW_DECAY ** (h - h_first)``; the decays are it times ``ROW_DECAY ** k``.
     """
+    inv_a = p[INV_PREC_W]
     q_0, o_0 = _row_terms(p, r0, q0, h)
     q_1, o_1 = _row_terms(p, r0, q0, h + 1)
     q_2, o_2 = _row_terms(p, r0, q0, h + 2)
     q_3, o_3 = _row_terms(p, r0, q0, h + 3)
+    row_decay = p[ROW_DECAY]
     d_1 = power * row_decay
     d_2 = d_1 * row_decay
-    return q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, power, d_1, d_2, d_2 * row_decay
+    return (_row_limit(q_0, c2, inv_a), _row_limit(q_1, c2, inv_a), _row_limit(q_2, c2, inv_a),
+            _row_limit(q_3, c2, inv_a), o_0, o_1, o_2, o_3, power, d_1, d_2, d_2 * row_decay)
 
 
 @njit(**_JIT)
@@ -348,20 +364,20 @@ def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_las
     ``w_minus_mean, e, ratio [>= W]`` are work arrays (separate allocations: LLVM's vectoriser then
     sees that they do not overlap).
     """
-    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, p[INTENSITY], w_minus_mean, e, ratio)
-    a = p[PREC_W]
-    power = 1.0  # row_decay ** (h - h_first)
+    _recurrence_seeds(p, r0, q0, h_first, w_first, cols, p[INTENSITY], w_minus_mean, e, ratio)
+    power = 1.0  # ROW_DECAY ** (h - h_first)
     h = h_first
     while h + 3 <= h_last:
-        q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, power, row_decay)
-        _recurrence_4_rows(acc, h * width + w_first, width, cols, w_minus_mean, e, ratio, a, c2,
-                           q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3)
-        power = d_3 * row_decay
+        l_0, l_1, l_2, l_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, c2, power)
+        _recurrence_4_rows(acc, h * width + w_first, width, cols, w_minus_mean, e, ratio,
+                           l_0, l_1, l_2, l_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3)
+        power = d_3 * p[ROW_DECAY]
         h += 4
     while h <= h_last:
         q_row, offset = _row_terms(p, r0, q0, h)
-        _recurrence_row(acc, h * width + w_first, cols, w_minus_mean, e, ratio, a, c2, q_row, offset, power)
-        power *= row_decay
+        _recurrence_row(acc, h * width + w_first, cols, w_minus_mean, e, ratio,
+                        _row_limit(q_row, c2, p[INV_PREC_W]), offset, power)
+        power *= p[ROW_DECAY]
         h += 1
 
 
@@ -474,9 +490,8 @@ def _section_walk_sums(p: np.ndarray, r0: float, q0: float, h_first: int, h_last
     ``grad[plane_start + h * width + w]`` is the upstream gradient of the slab.
     """
     a = p[PREC_W]
-    inv_a = 1.0 / a
     for h in range(h_first, h_last + 1):
-        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width, inv_a)
+        q_row, lo, hi, peak, delta = _walk_chord(p, r0, q0, h, c2, width)
         if lo > hi:
             continue
         t0, t1, t2 = _row_sums(grad, plane_start + h * width, lo, hi, peak, delta, a, p[DECAY], q_row,
@@ -503,8 +518,8 @@ def _add_sums(sums: np.ndarray, r0: float, t_r1: float, t_r1r1: float, t_r1r2: f
 
 @njit(inline="always", **_JIT)
 def _recurrence_4_rows_sums(grad: np.ndarray, start: int, width: int, cols: int, w_minus_mean: np.ndarray,
-                            e: np.ndarray, ratio: np.ndarray, a: float, c2: float,
-                            q0: float, q1: float, q2: float, q3: float, o0: float, o1: float, o2: float, o3: float,
+                            e: np.ndarray, ratio: np.ndarray,
+                            l0: float, l1: float, l2: float, l3: float, o0: float, o1: float, o2: float, o3: float,
                             d0: float, d1: float, d2: float, d3: float, r1_0: float, r1_1: float, r1_2: float,
                             r1_3: float, t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
     """Backward twin of :func:`_recurrence_4_rows`: per column ``j``, ``t = g e`` (inside pairs) summed
@@ -520,16 +535,16 @@ def _recurrence_4_rows_sums(grad: np.ndarray, start: int, width: int, cols: int,
         r = ratio[j]
         v = e[j]
         dw = wm - o0
-        t0 = grad[row0 + u] * v if a * (dw * dw) + q0 < c2 else 0.0
+        t0 = grad[row0 + u] * v if dw * dw < l0 else 0.0
         v = v * (r * d0)
         dw = wm - o1
-        t1 = grad[row1 + u] * v if a * (dw * dw) + q1 < c2 else 0.0
+        t1 = grad[row1 + u] * v if dw * dw < l1 else 0.0
         v = v * (r * d1)
         dw = wm - o2
-        t2 = grad[row2 + u] * v if a * (dw * dw) + q2 < c2 else 0.0
+        t2 = grad[row2 + u] * v if dw * dw < l2 else 0.0
         v = v * (r * d2)
         dw = wm - o3
-        t3 = grad[row3 + u] * v if a * (dw * dw) + q3 < c2 else 0.0
+        t3 = grad[row3 + u] * v if dw * dw < l3 else 0.0
         e[j] = v * (r * d3)
         w0 = t0 * r1_0
         w1 = t1 * r1_1
@@ -542,14 +557,14 @@ def _recurrence_4_rows_sums(grad: np.ndarray, start: int, width: int, cols: int,
 
 @njit(inline="always", **_JIT)
 def _recurrence_row_sums(grad: np.ndarray, start: int, cols: int, w_minus_mean: np.ndarray, e: np.ndarray,
-                         ratio: np.ndarray, a: float, c2: float, q_row: float, offset: float, decay: float,
-                         r1: float, t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
+                         ratio: np.ndarray, lim: float, offset: float, decay: float, r1: float,
+                         t_sum: np.ndarray, t_r1: np.ndarray, t_r1r1: np.ndarray) -> None:
     """One row of :func:`_recurrence_4_rows_sums`."""
     row = np.uint64(start)
     for j in range(cols):
         v = e[j]
         dw = w_minus_mean[j] - offset
-        t = grad[row + np.uint64(j)] * v if a * (dw * dw) + q_row < c2 else 0.0
+        t = grad[row + np.uint64(j)] * v if dw * dw < lim else 0.0
         e[j] = v * (ratio[j] * decay)
         w = t * r1
         t_sum[j] += t
@@ -567,26 +582,25 @@ def _section_recurrence_sums(p: np.ndarray, r0: float, q0: float, h_first: int, 
     The same recurrence as :func:`_section_recurrence` (``e = exp(-q/2)``, no intensity); the three
     per-column accumulators ``t_sum, t_r1, t_r1r1 [>= W]`` are work arrays.
     """
-    row_decay = _recurrence_seeds(p, r0, q0, h_first, w_first, cols, 1.0, w_minus_mean, e, ratio)
+    _recurrence_seeds(p, r0, q0, h_first, w_first, cols, 1.0, w_minus_mean, e, ratio)
     for j in range(cols):
         t_sum[j] = 0.0
         t_r1[j] = 0.0
         t_r1r1[j] = 0.0
-    a = p[PREC_W]
-    power = 1.0  # row_decay ** (h - h_first)
+    power = 1.0  # ROW_DECAY ** (h - h_first)
     h = h_first
     while h + 3 <= h_last:
-        q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, power, row_decay)
-        _recurrence_4_rows_sums(grad, plane_start + h * width + w_first, width, cols, w_minus_mean, e, ratio, a,
-                                c2, q_0, q_1, q_2, q_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3,
+        l_0, l_1, l_2, l_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3 = _four_rows(p, r0, q0, h, c2, power)
+        _recurrence_4_rows_sums(grad, plane_start + h * width + w_first, width, cols, w_minus_mean, e, ratio,
+                                l_0, l_1, l_2, l_3, o_0, o_1, o_2, o_3, d_0, d_1, d_2, d_3,
                                 h - p[M1], (h + 1) - p[M1], (h + 2) - p[M1], (h + 3) - p[M1], t_sum, t_r1, t_r1r1)
-        power = d_3 * row_decay
+        power = d_3 * p[ROW_DECAY]
         h += 4
     while h <= h_last:
         q_row, offset = _row_terms(p, r0, q0, h)
-        _recurrence_row_sums(grad, plane_start + h * width + w_first, cols, w_minus_mean, e, ratio, a, c2, q_row,
-                             offset, power, h - p[M1], t_sum, t_r1, t_r1r1)
-        power *= row_decay
+        _recurrence_row_sums(grad, plane_start + h * width + w_first, cols, w_minus_mean, e, ratio,
+                             _row_limit(q_row, c2, p[INV_PREC_W]), offset, power, h - p[M1], t_sum, t_r1, t_r1r1)
+        power *= p[ROW_DECAY]
         h += 1
     t = t_r2 = t_r2r2 = s_r1 = s_r1r1 = s_r1r2 = 0.0
     for j in range(cols):
@@ -763,8 +777,8 @@ def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarra
             p = params[entries[k]]
             intensity = p[INTENSITY]
             for i in range(first, last):
-                q = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])[0]
-                if q < c2:
+                inside, q = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2], c2)[:2]
+                if inside:
                     out[i] += intensity * math.exp(-0.5 * q)
 
 
@@ -787,8 +801,8 @@ def points_backward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarr
             p = params[g]
             s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = 0.0
             for i in range(first, last):
-                q, r0, r1, r2 = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2])
-                if q < c2:
+                inside, q, r0, r1, r2 = _mahalanobis(p, coords[i, 0], coords[i, 1], coords[i, 2], c2)
+                if inside:
                     ge = grad[i] * math.exp(-0.5 * q)
                     s0 += ge
                     s1 += ge * r0
