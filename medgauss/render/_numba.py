@@ -143,7 +143,7 @@ class _NumbaSplat(torch.autograd.Function):
 def _dense_forward(prep: _Prepared, slabs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int],
                    c2: float, single: bool) -> np.ndarray:
     """The volume ``[B*D*H*W]``, float32 when ``single`` else float64 (computed in float64 either way)."""
-    out = np.zeros(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)
+    out = np.empty(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)  # every slab written
     _run_ranges(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
     return out
 

@@ -384,7 +384,7 @@ def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_las
 @njit(**_JIT)
 def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
                   height: int, width: int, c2: float, out: np.ndarray, first: int, last: int) -> None:
-    """Dense splat of the slabs ``first <= b * D + d < last`` into ``out [B*D*H*W]`` (accumulated).
+    """Dense splat of the slabs ``first <= b * D + d < last``, written into ``out [B*D*H*W]``.
 
     ``params [B*N, NUM_PARAMS]``; ``d_lo, d_hi [B*N]`` are slab ranges that only cull (they may be
     wider than the Gaussian): ``q < c2`` decides every pair. ``out`` is float64 or float32; values
@@ -419,10 +419,16 @@ def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch:
                                     ratio)
             else:
                 _section_walk(p, r0, q0, h_first, h_last, c2, width, acc)
+        # Write the whole plane (out needs no zeroing beforehand): zeros, the written rows, zeros.
+        first_row, end_row = (h_min, h_max + 1) if h_max >= 0 else (0, 0)
         base = slab * plane
-        for k in range(h_min * width, (h_max + 1) * width):
-            out[base + k] += acc[k]
+        for k in range(first_row * width):
+            out[base + k] = 0.0
+        for k in range(first_row * width, end_row * width):
+            out[base + k] = acc[k]
             acc[k] = 0.0
+        for k in range(end_row * width, plane):
+            out[base + k] = 0.0
 
 
 @njit(**_JIT)
