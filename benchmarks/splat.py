@@ -5,10 +5,11 @@ Rows: backend x N x volume edge x Gaussian size (small sigma ~2 voxels, medium ~
 second (pairs inside the cutoff ellipsoid and the volume, estimated by Monte Carlo per Gaussian),
 peak extra memory, and ratios to the torch reference measured in the same run (where the reference
 is affordable: it evaluates every pair, so rows above --torch-max-pairs skip it). Times are medians
-over --repeat calls. The machine's ceiling, torch.exp elements per second on a large float32 tensor,
-is measured in the same run by the same statistic: once at the start (printed, with its best call)
-and again right before each row, whose pairs/s is divided by that adjacent measurement (a shared
-machine's speed drifts over the minutes a full grid takes).
+over --repeat calls; backends other than torch are timed after a warm-up call and without memory
+tracing (their memory is measured on one more call). The machine's ceiling, torch.exp elements per
+second on a large float32 tensor, is measured in the same run by the same statistic: once at the
+start (printed, with its best call) and again right before each row, whose pairs/s is divided by
+that adjacent measurement (a shared machine's speed drifts over the minutes a full grid takes).
 
     python benchmarks/splat.py --quick          # a few rows, ~2 minutes on 2 cores
     python benchmarks/splat.py                  # the full grid of the foundation issue
@@ -119,15 +120,8 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str, repeat: int, warmup: bool = True, budget_s: float = 3.0) -> float:
-    """Median wall time in ms over up to ``repeat`` calls (fewer when one call exceeds ``budget_s / repeat``).
-
-    The warm-up call (numba compilation, Triton autotuning, caches) is not timed; the torch reference
-    has nothing to warm up, and its calls take minutes at the largest sizes, so it skips it.
-    """
-    if warmup:
-        fn()
-        sync(device)
+def time_call(fn, device: str, repeat: int, budget_s: float = 3.0) -> float:
+    """Median wall time in ms over up to ``repeat`` calls (fewer when one call exceeds ``budget_s / repeat``)."""
     times: list[float] = []
     while len(times) < repeat:
         t0 = time.perf_counter()
@@ -170,11 +164,23 @@ def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str,
         out = splat(Gaussians(*leaves, validate=False), shape, cutoff=cutoff, backend=backend)
         out.backward(torch.ones_like(out))
 
-    warm = backend != "torch"
-    with PeakMemory(device) as mem_f:
-        fwd = time_call(forward, device, repeat, warmup=warm)
-    with PeakMemory(device) as mem_fb:
-        fb = time_call(forward_backward, device, repeat, warmup=warm)
+    if backend == "torch":  # nothing to warm up, and minutes per call at the largest sizes: one set of calls
+        with PeakMemory(device) as mem_f:
+            fwd = time_call(forward, device, repeat)
+        with PeakMemory(device) as mem_fb:
+            fb = time_call(forward_backward, device, repeat)
+    else:
+        # Warm-up (numba compilation or cache loading, Triton autotuning) outside every measurement; times
+        # without tracemalloc and the sampling thread, which slow the Python glue; then memory on one call.
+        forward()
+        forward_backward()
+        sync(device)
+        fwd = time_call(forward, device, repeat)
+        fb = time_call(forward_backward, device, repeat)
+        with PeakMemory(device) as mem_f:
+            forward()
+        with PeakMemory(device) as mem_fb:
+            forward_backward()
     return {"fwd_ms": fwd, "fwd_bwd_ms": fb, "peak_fwd_mib": mem_f.peak_mib, "peak_fwd_bwd_mib": mem_fb.peak_mib,
             "traced_fwd_bwd_mib": mem_fb.traced_mib, "rss_fwd_bwd_mib": mem_fb.rss_mib}
 
