@@ -43,8 +43,8 @@ _MAX_GRID_ENTRIES = 1 << 23
 # Points per voxel from which voxel-centre points are rendered densely and gathered (measured:
 # the dense kernels cost ~1/8 of the point kernels per (Gaussian, voxel) pair).
 GATHER_MIN_FRACTION = 0.125
-# Index ranges per worker thread handed to the pool (load balancing).
-_TASKS_PER_THREAD = 4
+# Tasks per worker thread handed to the pool (load balancing).
+_TASKS_PER_THREAD = 2
 # Largest total size (float64 numbers) of the private gradient buffers of the point backward pass.
 _MAX_BUFFER_NUMBERS = 1 << 23
 
@@ -107,7 +107,7 @@ class _NumbaSplat(torch.autograd.Function):
         else:
             binned = _bin_points(prep, points_to_normalized(points, shape, torch.float64), c2)
             sorted_out = np.zeros(binned.coords.shape[0])
-            _run_ranges(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
+            _run_tasks(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
                         binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
             out = np.empty_like(sorted_out)
             out[binned.order] = sorted_out
@@ -129,7 +129,7 @@ class _NumbaSplat(torch.autograd.Function):
             if ctx.route == "gather":  # scatter-add (repeated points add up) into a volume
                 grad = np.bincount(ctx.state[1], weights=grad, minlength=prep.batch * math.prod(ctx.shape))
             sums = np.zeros((prep.params.shape[0], kernels.NUM_SUMS))
-            _run_ranges(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
+            _run_tasks(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
                         *ctx.shape, ctx.c2, sums)
         grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
         b = prep.batch
@@ -144,7 +144,7 @@ def _dense_forward(prep: _Prepared, slabs: tuple[np.ndarray, np.ndarray], shape:
                    c2: float, single: bool) -> np.ndarray:
     """The volume ``[B*D*H*W]``, float32 when ``single`` else float64 (computed in float64 either way)."""
     out = np.empty(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)  # every slab written
-    _run_ranges(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
+    _run_tasks(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
     return out
 
 
@@ -306,39 +306,35 @@ def _pool() -> ThreadPoolExecutor:
         return _POOL
 
 
-def _task_bounds(total: int, max_tasks: int) -> list[tuple[int, int]]:
-    """Split ``range(total)`` into at most ``max_tasks`` contiguous non-empty ranges."""
-    tasks = max(1, min(total, max_tasks))
-    edges = [total * t // tasks for t in range(tasks + 1)]
-    return [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+def _num_tasks(total: int, max_tasks: int) -> int:
+    """How many interleaved tasks share ``range(total)``: at most ``max_tasks``, none empty."""
+    return max(1, min(total, max_tasks))
 
 
-def _run_ranges(kernel: Callable[..., None], total: int, *args: object) -> None:
-    """Run ``kernel(*args, first, last)`` over disjoint ranges covering ``range(total)`` concurrently.
+def _run_tasks(kernel: Callable[..., None], total: int, *args: object) -> None:
+    """Run ``kernel(*args, t, total, tasks)`` for every ``t < tasks`` concurrently (``range(t, total, tasks)`` each).
 
-    A few ranges per thread, handed out by a thread pool as threads become free (the kernels
-    release the GIL), balance uneven work.
+    Interleaved, not contiguous, ranges: the work of neighbouring slabs, cells or Gaussians varies
+    smoothly, so every task gets a like share of it; a few tasks per thread, handed out by a thread
+    pool as threads become free (the kernels release the GIL), absorb the rest.
     """
-    bounds = _task_bounds(total, _TASKS_PER_THREAD * _num_threads())
-    if len(bounds) <= 1 or _num_threads() == 1:
-        for first, last in bounds:
-            kernel(*args, first, last)
+    tasks = _num_tasks(total, _TASKS_PER_THREAD * _num_threads())
+    if tasks == 1 or _num_threads() == 1:
+        kernel(*args, 0, total, 1)
         return
-    for future in [_pool().submit(kernel, *args, first, last) for first, last in bounds]:
+    for future in [_pool().submit(kernel, *args, t, total, tasks) for t in range(tasks)]:
         future.result()
 
 
 def _points_backward(prep: _Prepared, binned: _BinnedPoints, c2: float,
                      grad_sorted: np.ndarray) -> np.ndarray:
-    """Gradient sums ``[B*N, NUM_SUMS]`` of the point route: private buffers per range of cells, summed."""
+    """Gradient sums ``[B*N, NUM_SUMS]`` of the point route: private buffers per task, summed."""
     num_cells = binned.cell_start.shape[0] - 1
     per_buffer = prep.params.shape[0] * kernels.NUM_SUMS
-    max_tasks = min(_TASKS_PER_THREAD * _num_threads(), max(1, _MAX_BUFFER_NUMBERS // per_buffer))
-    bounds = _task_bounds(num_cells, max_tasks)
-    buffers = np.zeros((len(bounds), prep.params.shape[0], kernels.NUM_SUMS))
+    tasks = _num_tasks(num_cells, min(_TASKS_PER_THREAD * _num_threads(), max(1, _MAX_BUFFER_NUMBERS // per_buffer)))
+    buffers = np.zeros((tasks, prep.params.shape[0], kernels.NUM_SUMS))
     args = (prep.params, binned.coords, binned.cell_start, binned.offsets, binned.entries, c2, grad_sorted)
-    futures = [_pool().submit(kernels.points_backward, *args, buffers[t], first, last)
-               for t, (first, last) in enumerate(bounds)]
+    futures = [_pool().submit(kernels.points_backward, *args, buffers[t], t, num_cells, tasks) for t in range(tasks)]
     for future in futures:
         future.result()
     return buffers.sum(axis=0)

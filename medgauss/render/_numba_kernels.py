@@ -383,19 +383,19 @@ def _section_recurrence(p: np.ndarray, r0: float, q0: float, h_first: int, h_las
 
 @njit(**_JIT)
 def dense_forward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, batch: int, depth: int,
-                  height: int, width: int, c2: float, out: np.ndarray, first: int, last: int) -> None:
-    """Dense splat of the slabs ``first <= b * D + d < last``, written into ``out [B*D*H*W]``.
+                  height: int, width: int, c2: float, out: np.ndarray, first: int, last: int, step: int) -> None:
+    """Dense splat of the slabs ``b * D + d`` in ``range(first, last, step)``, written into ``out [B*D*H*W]``.
 
     ``params [B*N, NUM_PARAMS]``; ``d_lo, d_hi [B*N]`` are slab ranges that only cull (they may be
     wider than the Gaussian): ``q < c2`` decides every pair. ``out`` is float64 or float32; values
-    are computed and summed per slab in float64 either way. Calls with disjoint slab ranges write
+    are computed and summed per slab in float64 either way. Calls with disjoint sets of slabs write
     disjoint parts of ``out`` and may run concurrently (the GIL is released).
     """
     n = params.shape[0] // batch
     plane = height * width
     acc = np.zeros(plane)
     w_minus_mean, e, ratio = np.empty(width), np.empty(width), np.empty(width)
-    for slab in range(first, last):
+    for slab in range(first, last, step):
         b = slab // depth
         d = slab - b * depth
         h_min, h_max = height, -1  # rows of acc written in this slab
@@ -623,18 +623,21 @@ def _section_recurrence_sums(p: np.ndarray, r0: float, q0: float, h_first: int, 
 @njit(**_JIT)
 def dense_backward(params: np.ndarray, d_lo: np.ndarray, d_hi: np.ndarray, grad: np.ndarray, batch: int,
                    depth: int, height: int, width: int, c2: float, sums: np.ndarray, first: int,
-                   last: int) -> None:
-    """Gradient sums ``sums[g]`` of the Gaussians ``first <= g < last`` for the upstream ``grad [B*D*H*W]``.
+                   last: int, step: int) -> None:
+    """Gradient sums ``sums[g]`` of the Gaussians ``g`` in ``range(first, last, step)`` for the upstream ``grad``.
+
+    ``grad [B*D*H*W]`` is the upstream gradient of the dense volume.
 
     ``sums [B*N, NUM_SUMS]`` (overwritten): with ``t = g e`` over the inside voxels, ``r`` the voxel
     offset from the mean, the sums of ``t`` times 1, r0, r1, r2, r0^2, r1^2, r2^2, r0 r1, r0 r2, r1 r2.
     Each Gaussian reads the gradient over its own sections, by the recurrence or the row walk as the
-    forward pass does; calls with disjoint ranges write disjoint rows of ``sums`` and may run concurrently.
+    forward pass does; calls with disjoint sets of Gaussians write disjoint rows of ``sums`` and may run
+    concurrently.
     """
     n = params.shape[0] // batch
     w_minus_mean, e, ratio = np.empty(width), np.empty(width), np.empty(width)
     t_sum, t_r1, t_r1r1 = np.empty(width), np.empty(width), np.empty(width)
-    for g in range(first, last):
+    for g in range(first, last, step):
         b = g // n
         p = params[g]
         own = sums[g]
@@ -768,13 +771,14 @@ def bin_points(x: np.ndarray, sizes: np.ndarray, grid: int, per_sample: int
 
 @njit(**_JIT)
 def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
-                   entries: np.ndarray, c2: float, out: np.ndarray, cell_first: int, cell_last: int) -> None:
-    """Splat at the points of cells ``cell_first <= c < cell_last`` into ``out [P]`` (sorted order).
+                   entries: np.ndarray, c2: float, out: np.ndarray, cell_first: int, cell_last: int,
+                   step: int) -> None:
+    """Splat at the points of the cells in ``range(cell_first, cell_last, step)`` into ``out [P]`` (sorted order).
 
     ``coords [P, 3]`` are voxel coordinates sorted by cell; each cell runs its Gaussian list
-    against its own points. Calls with disjoint cell ranges may run concurrently.
+    against its own points. Calls with disjoint sets of cells may run concurrently.
     """
-    for cell in range(cell_first, cell_last):
+    for cell in range(cell_first, cell_last, step):
         first = cell_start[cell]
         last = cell_start[cell + 1]
         if first == last:
@@ -791,13 +795,13 @@ def points_forward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarra
 @njit(**_JIT)
 def points_backward(params: np.ndarray, coords: np.ndarray, cell_start: np.ndarray, offsets: np.ndarray,
                     entries: np.ndarray, c2: float, grad: np.ndarray, buf: np.ndarray, cell_first: int,
-                    cell_last: int) -> None:
-    """Add the gradient sums of cells ``cell_first <= c < cell_last`` into ``buf [B*N, NUM_SUMS]``.
+                    cell_last: int, step: int) -> None:
+    """Add the gradient sums of the cells in ``range(cell_first, cell_last, step)`` into ``buf [B*N, NUM_SUMS]``.
 
     ``grad [P]`` is the upstream gradient in sorted point order. Concurrent calls need separate
     ``buf`` (summed afterwards): a Gaussian is listed in many cells.
     """
-    for cell in range(cell_first, cell_last):
+    for cell in range(cell_first, cell_last, step):
         first = cell_start[cell]
         last = cell_start[cell + 1]
         if first == last:
