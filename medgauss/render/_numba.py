@@ -175,37 +175,13 @@ def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int
     if means.device.type != "cpu":
         raise ValueError(f"the numba backend needs CPU tensors, got means on {means.device}")
     sizes = np.asarray(shape, dtype=np.float64)
-    mean = _to_numpy(means).reshape(-1, 3) * sizes - 0.5
-    prec = _to_numpy(prec6).reshape(-1, 6) / np.array([sizes[i] * sizes[j] for i, j in PRECISION_PACKING])
-    p00, p11, p22, p01, p02, p12 = prec.T
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        a = p22
-        s00 = p00 - p02 * p02 / a
-        s01 = p01 - p02 * p12 / a
-        s11 = p11 - p12 * p12 / a
-        schur_d = s00 - s01 * s01 / s11
-        params = np.empty((mean.shape[0], kernels.NUM_PARAMS))
-        params[:, kernels.M0:kernels.M2 + 1] = mean
-        params[:, kernels.SCHUR_D] = schur_d
-        params[:, kernels.SCHUR_H] = s11
-        params[:, kernels.SLOPE1] = -s01 / s11
-        params[:, kernels.PREC_W] = a
-        params[:, kernels.SLOPE20] = -p02 / a
-        params[:, kernels.SLOPE21] = -p12 / a
-        params[:, kernels.INV_PREC_W] = 1.0 / a
-        params[:, kernels.DECAY] = np.exp(-a)
-        # The recurrence's other constant factors: used only where it applies (then far inside
-        # float64's range); the clip keeps them finite for every other Gaussian.
-        params[:, kernels.ROW_DECAY] = np.exp(-np.minimum(s11 + a * params[:, kernels.SLOPE21] ** 2, 1e300))
-        params[:, kernels.RATIO_STEP] = np.exp(np.clip(a * params[:, kernels.SLOPE21], -700.0, 700.0))
-        params[:, kernels.INTENSITY] = _to_numpy(intensities).reshape(-1)
-    pivots = np.stack([a, s11, schur_d], axis=1)
-    bad = ~(np.isfinite(params).all(axis=1) & (pivots > 0).all(axis=1))
-    if bad.any():
-        g = int(np.flatnonzero(bad)[0])
+    params, prec, bad = kernels.gaussian_params(_to_numpy(means).reshape(-1, 3), _to_numpy(prec6).reshape(-1, 6),
+                                                _to_numpy(intensities).reshape(-1), sizes)
+    if bad >= 0:
         n = means.shape[1]
-        raise ValueError(f"gaussians: the precision of Gaussian (b={g // n}, n={g % n}) is not positive "
-                         f"definite in float64 (pivots {pivots[g].tolist()}); its scales are too "
+        pivots = params[bad, [kernels.PREC_W, kernels.SCHUR_H, kernels.SCHUR_D]]
+        raise ValueError(f"gaussians: the precision of Gaussian (b={bad // n}, n={bad % n}) is not positive "
+                         f"definite in float64 (pivots {pivots.tolist()}); its scales are too "
                          f"anisotropic for {means.dtype}")
     return _Prepared(params=params, prec_voxel=prec, sizes=sizes, batch=means.shape[0])
 

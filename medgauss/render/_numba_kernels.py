@@ -131,6 +131,62 @@ def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float, c2: float
     return dw2 < _row_limit(q_row, c2, p[INV_PREC_W]), p[PREC_W] * dw2 + q_row, r0, r1, u2 - p[M2]
 
 
+@njit(**_JIT)
+def gaussian_params(means: np.ndarray, prec: np.ndarray, intensities: np.ndarray, sizes: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Kernel parameters of Gaussians given in normalised coordinates.
+
+    Args:
+        means: ``[G, 3]`` normalised centres; prec: ``[G, 6]`` packed normalised precision
+            (P00, P11, P22, P01, P02, P12); intensities: ``[G]``; sizes: ``[3]`` volume shape (D, H, W).
+    Returns:
+        ``params [G, NUM_PARAMS]`` (voxel units, factored precision), ``prec_voxel [G, 6]`` (the
+        packed precision in voxel units) and the first Gaussian whose parameters are not finite or
+        whose pivots ``A, S11, T`` are not positive (its precision is not positive definite in
+        float64), or ``-1``.
+    """
+    num = means.shape[0]
+    params = np.empty((num, NUM_PARAMS))
+    prec_voxel = np.empty((num, 6))
+    first_bad = -1
+    for g in range(num):
+        p00 = prec[g, 0] / (sizes[0] * sizes[0])
+        p11 = prec[g, 1] / (sizes[1] * sizes[1])
+        p22 = prec[g, 2] / (sizes[2] * sizes[2])
+        p01 = prec[g, 3] / (sizes[0] * sizes[1])
+        p02 = prec[g, 4] / (sizes[0] * sizes[2])
+        p12 = prec[g, 5] / (sizes[1] * sizes[2])
+        prec_voxel[g, 0], prec_voxel[g, 1], prec_voxel[g, 2] = p00, p11, p22
+        prec_voxel[g, 3], prec_voxel[g, 4], prec_voxel[g, 5] = p01, p02, p12
+        a = p22
+        s01 = p01 - p02 * p12 / a
+        s11 = p11 - p12 * p12 / a
+        schur_d = (p00 - p02 * p02 / a) - s01 * s01 / s11
+        slope21 = -p12 / a
+        row = params[g]
+        for axis in range(3):
+            row[M0 + axis] = means[g, axis] * sizes[axis] - 0.5
+        row[SCHUR_D] = schur_d
+        row[SCHUR_H] = s11
+        row[SLOPE1] = -s01 / s11
+        row[PREC_W] = a
+        row[SLOPE20] = -p02 / a
+        row[SLOPE21] = slope21
+        row[INV_PREC_W] = 1.0 / a
+        row[DECAY] = math.exp(-a)
+        # The recurrence's other constant factors: used only where it applies (then far inside
+        # float64's range); the bounds keep them finite for every other Gaussian.
+        row[ROW_DECAY] = math.exp(-min(s11 + a * (slope21 * slope21), 1e300))
+        row[RATIO_STEP] = math.exp(max(min(a * slope21, 700.0), -700.0))
+        row[INTENSITY] = intensities[g]
+        ok = a > 0.0 and s11 > 0.0 and schur_d > 0.0
+        for k in range(NUM_PARAMS):
+            ok = ok and math.isfinite(row[k])
+        if not ok and first_bad < 0:
+            first_bad = g
+    return params, prec_voxel, first_bad
+
+
 # ---------------------------------------------------------------------------------------- dense
 
 
