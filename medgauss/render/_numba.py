@@ -2,8 +2,8 @@
 
 Torch computes, with autograd, the packed precision ``[B, N, 6]`` of the Gaussians; a
 ``torch.autograd.Function`` takes ``(means, precision, intensities)``, runs the kernels of
-:mod:`medgauss.render._numba_kernels` (float64, except the dense forward pass of float32 Gaussians,
-which uses the vectorised float32 kernel) and returns the gradients of those three tensors, so the
+:mod:`medgauss.render._numba_kernels` (float64 arithmetic; the dense volume of float32 Gaussians
+is stored as float32) and returns the gradients of those three tensors, so the
 gradients with respect to scales and quaternions follow from torch's chain rule. No kernel
 allocates anything of size voxels x N: memory is a few volumes (float64 output, upstream
 gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussian lists).
@@ -108,7 +108,7 @@ class _NumbaSplat(torch.autograd.Function):
             binned = _bin_points(prep, points_to_normalized(points, shape, torch.float64), c2)
             sorted_out = np.zeros(binned.coords.shape[0])
             _run_tasks(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
-                        binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
+                       binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
             out = np.empty_like(sorted_out)
             out[binned.order] = sorted_out
             ctx.route, ctx.state = "points", binned
@@ -130,7 +130,7 @@ class _NumbaSplat(torch.autograd.Function):
                 grad = np.bincount(ctx.state[1], weights=grad, minlength=prep.batch * math.prod(ctx.shape))
             sums = np.zeros((prep.params.shape[0], kernels.NUM_SUMS))
             _run_tasks(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
-                        *ctx.shape, ctx.c2, sums)
+                       *ctx.shape, ctx.c2, sums)
         grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
         b = prep.batch
 
