@@ -8,12 +8,15 @@ is affordable: it evaluates every pair, so rows above --torch-max-pairs skip it)
 over --repeat calls; backends other than torch are timed after a warm-up call and without memory
 tracing (their memory is measured on one more call). The machine's ceiling, torch.exp elements per
 second on a large float32 tensor, is measured in the same run by the same statistic: once at the
-start (printed, with its best call) and again right before each row, whose pairs/s is divided by
-that adjacent measurement (a shared machine's speed drifts over the minutes a full grid takes).
+start (printed, with its best call) and, for each row's /exp column, in calls alternating with the
+row's forward calls (a shared machine's speed changes from second to second; the 2-vCPU VM this was
+written on often withholds its second core for seconds at a time, so only alternating calls see
+the same machine).
 
     python benchmarks/splat.py --quick          # a few rows, ~2 minutes on 2 cores
     python benchmarks/splat.py                  # the full grid of the foundation issue
     python benchmarks/splat.py --device cuda    # GPU rows (triton vs torch)
+    NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/splat.py ...   # per-core figures
 """
 
 from __future__ import annotations
@@ -120,39 +123,57 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str, repeat: int, budget_s: float = 3.0) -> float:
-    """Median wall time in ms over up to ``repeat`` calls (fewer when one call exceeds ``budget_s / repeat``)."""
+class ExpCeiling:
+    """The machine's ceiling: ``torch.exp`` on a 2^25-element float32 tensor; each call times one exp, in seconds."""
+
+    elements = 1 << 25
+
+    def __init__(self, device: str):
+        self.device = device
+        self.x = torch.rand(self.elements, device=device)
+        self.out = torch.empty_like(self.x)
+        torch.exp(self.x, out=self.out)
+
+    def __call__(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        torch.exp(self.x, out=self.out)
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def rate(self, repeat: int = 7) -> tuple[float, float]:
+        """Elements per second: ``(median, best)`` over ``repeat`` calls."""
+        times = [self() for _ in range(repeat)]
+        return self.elements / statistics.median(times), self.elements / min(times)
+
+
+def time_call(fn, device: str, repeat: int, budget_s: float = 3.0, ceiling: ExpCeiling | None = None
+              ) -> tuple[float, float | None]:
+    """Median wall time in ms over up to ``repeat`` calls (fewer when one call exceeds ``budget_s / repeat``).
+
+    With ``ceiling``, one exp call is timed right before each call, and the second value is the
+    ceiling's median rate over those calls (elements/s), else ``None``: this shared machine's speed
+    changes from second to second (it often withholds the second core), so a ratio is only fair
+    between calls that alternate.
+    """
     times: list[float] = []
+    exp_times: list[float] = []
     while len(times) < repeat:
+        if ceiling is not None:
+            exp_times.append(ceiling())
         t0 = time.perf_counter()
         fn()
         sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
         if sum(times) > budget_s * 1e3:
             break
-    return statistics.median(times)
+    rate = ExpCeiling.elements / statistics.median(exp_times) if exp_times else None
+    return statistics.median(times), rate
 
 
-def exp_ceiling(device: str, repeat: int = 7) -> tuple[float, float]:
-    """torch.exp float32 elements per second on a 2^25-element tensor: ``(median, best)`` over ``repeat`` calls.
-
-    The table's ratios use the median, the same statistic as every row's times (this shared machine's
-    speed drifts between calls; comparing a row's median with the ceiling's best call would mix the two).
-    """
-    x = torch.rand(1 << 25, device=device)
-    out = torch.empty_like(x)
-    torch.exp(x, out=out)
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        torch.exp(x, out=out)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return x.numel() / statistics.median(times), x.numel() / min(times)
-
-
-def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str, repeat: int) -> dict:
+def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str, repeat: int,
+              ceiling: ExpCeiling) -> dict:
+    """Times and memory of one row; the forward calls alternate with ``ceiling``'s exp calls."""
     shape = (edge, edge, edge)
     leaves = [t.detach().clone().requires_grad_() for t in (g.means, g.scales, g.quats, g.intensities)]
 
@@ -166,23 +187,24 @@ def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str,
 
     if backend == "torch":  # nothing to warm up, and minutes per call at the largest sizes: one set of calls
         with PeakMemory(device) as mem_f:
-            fwd = time_call(forward, device, repeat)
+            fwd, rate = time_call(forward, device, repeat, ceiling=ceiling)
         with PeakMemory(device) as mem_fb:
-            fb = time_call(forward_backward, device, repeat)
+            fb = time_call(forward_backward, device, repeat)[0]
     else:
         # Warm-up (numba compilation or cache loading, Triton autotuning) outside every measurement; times
         # without tracemalloc and the sampling thread, which slow the Python glue; then memory on one call.
         forward()
         forward_backward()
         sync(device)
-        fwd = time_call(forward, device, repeat)
-        fb = time_call(forward_backward, device, repeat)
+        fwd, rate = time_call(forward, device, repeat, ceiling=ceiling)
+        fb = time_call(forward_backward, device, repeat)[0]
         with PeakMemory(device) as mem_f:
             forward()
         with PeakMemory(device) as mem_fb:
             forward_backward()
-    return {"fwd_ms": fwd, "fwd_bwd_ms": fb, "peak_fwd_mib": mem_f.peak_mib, "peak_fwd_bwd_mib": mem_fb.peak_mib,
-            "traced_fwd_bwd_mib": mem_fb.traced_mib, "rss_fwd_bwd_mib": mem_fb.rss_mib}
+    return {"fwd_ms": fwd, "fwd_bwd_ms": fb, "exp_elements_per_s": rate, "peak_fwd_mib": mem_f.peak_mib,
+            "peak_fwd_bwd_mib": mem_fb.peak_mib, "traced_fwd_bwd_mib": mem_fb.traced_mib,
+            "rss_fwd_bwd_mib": mem_fb.rss_mib}
 
 
 def main() -> None:
@@ -209,7 +231,8 @@ def main() -> None:
     edges = args.edges or ([64, 96] if args.quick else [64, 96, 128])
     sizes = args.sizes or (["small", "medium"] if args.quick else ["small", "medium", "initial"])
 
-    ceiling, ceiling_best = exp_ceiling(args.device)
+    exp = ExpCeiling(args.device)
+    ceiling, ceiling_best = exp.rate()
     header = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "cpu": platform.processor() or platform.machine(),
@@ -242,10 +265,10 @@ def main() -> None:
                         rows.append({"backend": backend, "n": n, "edge": edge, "size": size, "skipped": True})
                         print(f"{backend:<7} {n:>6} {edge:>4}^3 {size:<8}   skipped (too many pairs for this backend)")
                         continue
-                    row_ceiling = exp_ceiling(args.device, repeat=3)[0]
-                    res = bench_row(backend, g, edge, args.cutoff, args.device, args.repeat)
+                    res = bench_row(backend, g, edge, args.cutoff, args.device, args.repeat, exp)
                     res.update(backend=backend, n=n, edge=edge, size=size, pairs=pairs,
-                               pairs_per_s=pairs / (res["fwd_ms"] / 1e3), exp_elements_per_s=row_ceiling)
+                               pairs_per_s=pairs / (res["fwd_ms"] / 1e3))
+                    row_ceiling = res["exp_elements_per_s"]
                     if backend == "torch":
                         ref = res
                     res["fwd_speedup_vs_torch"] = ref["fwd_ms"] / res["fwd_ms"] if ref else None
