@@ -9,9 +9,9 @@ over --repeat calls; backends other than torch are timed after a warm-up call an
 tracing (their memory is measured on one more call). The machine's ceiling, torch.exp elements per
 second on a large float32 tensor, is measured in the same run by the same statistic: once at the
 start (printed, with its best call) and, for each row's /exp column, in calls alternating with the
-row's forward calls (a shared machine's speed changes from second to second; the 2-vCPU VM this was
-written on often withholds its second core for seconds at a time, so only alternating calls see
-the same machine).
+row's forward calls (a shared machine's speed changes from second to second: on the 2-vCPU VM this
+was written on, compute-bound code gains anywhere from nothing to all of the second core, in streaks
+of seconds, while torch.exp always gains ~1.9x; only alternating calls see the same machine).
 
     python benchmarks/splat.py --quick          # a few rows, ~2 minutes on 2 cores
     python benchmarks/splat.py                  # the full grid of the foundation issue
@@ -152,9 +152,8 @@ def time_call(fn, device: str, repeat: int, budget_s: float = 3.0, ceiling: ExpC
     """Median wall time in ms over up to ``repeat`` calls (fewer when one call exceeds ``budget_s / repeat``).
 
     With ``ceiling``, one exp call is timed right before each call, and the second value is the
-    ceiling's median rate over those calls (elements/s), else ``None``: this shared machine's speed
-    changes from second to second (it often withholds the second core), so a ratio is only fair
-    between calls that alternate.
+    ceiling's median rate over those calls (elements/s), else ``None``: a shared machine's speed
+    changes from second to second, so a ratio is only fair between calls that alternate.
     """
     times: list[float] = []
     exp_times: list[float] = []
