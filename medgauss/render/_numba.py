@@ -95,7 +95,7 @@ class _NumbaSplat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
                 c2: float, points: Tensor | None) -> Tensor:
-        prep = _prepare(means, prec6, intensities, shape, c2)
+        prep = _prepare(means, prec6, intensities, shape)
         b = prep.batch
         voxel_index = None if points is None else _voxel_centre_index(points, shape)
         if points is None or voxel_index is not None:
@@ -169,8 +169,7 @@ def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarr
     return index if all_centres else None
 
 
-def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
-             c2: float) -> _Prepared:
+def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int]) -> _Prepared:
     """Per-Gaussian kernel parameters (voxel units, factored precision) ``[B*N, NUM_PARAMS]``."""
     if means.device.type != "cpu":
         raise ValueError(f"the numba backend needs CPU tensors, got means on {means.device}")

@@ -145,7 +145,7 @@ def test_dense_float32_covers_exactly_the_float64_pairs():
 def _dense_routes(g: Gaussians, shape: tuple[int, int, int], cutoff: float) -> set[str]:
     """Which dense-forward routes (``recurrence`` / ``walk``) the kernel takes for ``g``'s sections."""
     c2 = cutoff * cutoff
-    prep = _numba._prepare(g.means, precision_upper(g), g.intensities, shape, c2)
+    prep = _numba._prepare(g.means, precision_upper(g), g.intensities, shape)
     d_lo, d_hi = _numba._slab_ranges(prep, c2, shape[0])
     routes = set()
     for p, lo, hi in zip(prep.params, d_lo, d_hi):
@@ -277,7 +277,7 @@ def test_non_positive_definite_precision_is_rejected():
     means = torch.full((1, 1, 3), 0.5, dtype=torch.float64)
     prec6 = torch.tensor([[[1.0, 1.0, 1.0, 2.0, 0.0, 0.0]]], dtype=torch.float64)  # eigenvalue -1
     with pytest.raises(ValueError, match="not positive definite"):
-        _numba._prepare(means, prec6, torch.ones(1, 1, dtype=torch.float64), (4, 4, 4), 9.0)
+        _numba._prepare(means, prec6, torch.ones(1, 1, dtype=torch.float64), (4, 4, 4))
 
 
 def _splat_in_child(g: Gaussians, connection) -> None:
