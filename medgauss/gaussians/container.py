@@ -18,6 +18,7 @@ __all__ = ["Gaussians"]
 _FORMAT = "medgauss.gaussians"
 _FORMAT_VERSION = "1"
 _FIELDS = ("means", "scales", "quats", "intensities")
+_LINEAR_MAP = "linear_map"
 
 
 @dataclass
@@ -33,8 +34,17 @@ class Gaussians:
             ``means``; strictly positive.
         quats: ``[B, N, 4]`` rotations (w, x, y, z). Normalised here, so callers never need to.
         intensities: ``[B, N]`` peak values (attenuation or normalised HU units).
+        linear_map: optional ``[B, N, 3, 3]`` (or ``[3, 3]``, broadcast) invertible linear map ``L`` applied
+            to each Gaussian's shape: ``None`` means the identity. It is how Gaussians move through a
+            map that is not a similarity (an anisotropic voxel grid, a non-cubic crop) without an
+            eigen-decomposition: ``scales`` and ``quats`` stay the parameters (in the frame they were
+            made in, e.g. normalised crop coordinates) and the covariance becomes ``L R S^2 R^T L^T``,
+            differentiable at every input (see :func:`medgauss.gaussians.transform_gaussians`).
+            :meth:`canonical` folds it back into scales and rotations for export.
 
-    The covariance is ``R diag(scales**2) R^T`` with ``R = quat_to_rotmat(quats)``.
+    The covariance is ``L R diag(scales**2) R^T L^T`` with ``R = quat_to_rotmat(quats)`` (``L = I``
+    when ``linear_map`` is ``None``). Renderers only ever read :meth:`covariance` / :meth:`precision`,
+    so a ``linear_map`` is honoured everywhere.
 
     Construction checks ranks, matching ``B``/``N``, dtypes, devices, finiteness, positive
     scales and non-zero quaternions, and raises ``ValueError`` naming the argument. Pass
@@ -46,12 +56,17 @@ class Gaussians:
     scales: Tensor
     quats: Tensor
     intensities: Tensor
+    linear_map: Tensor | None = None
     validate: InitVar[bool] = True
 
     def __post_init__(self, validate: bool) -> None:
         _check_shapes(self.means, self.scales, self.quats, self.intensities)
+        if self.linear_map is not None:
+            self.linear_map = _check_linear_map(self.linear_map, self.means)
         if validate:
             _check_values(self.means, self.scales, self.quats, self.intensities)
+            if self.linear_map is not None:
+                _check_linear_map_values(self.linear_map)
         norm = self.quats.norm(dim=-1, keepdim=True)
         self.quats = self.quats / norm.clamp_min(torch.finfo(self.quats.dtype).tiny)
 
@@ -85,18 +100,43 @@ class Gaussians:
         return quat_to_rotmat(self.quats)
 
     def covariance(self) -> Tensor:
-        """``[B, N, 3, 3]`` covariances ``R diag(s^2) R^T`` (differentiable)."""
+        """``[B, N, 3, 3]`` covariances ``L R diag(s^2) R^T L^T`` (differentiable)."""
         r = self.rotation_matrices()
+        if self.linear_map is not None:
+            r = self.linear_map @ r
         return (r * self.scales.square().unsqueeze(-2)) @ r.transpose(-1, -2)
 
     def precision(self) -> Tensor:
-        """``[B, N, 3, 3]`` inverse covariances ``R diag(1/s^2) R^T`` (differentiable, no inversion)."""
+        """``[B, N, 3, 3]`` inverse covariances ``L^-T R diag(1/s^2) R^T L^-1`` (differentiable; with no
+        ``linear_map`` nothing is inverted)."""
         r = self.rotation_matrices()
+        if self.linear_map is not None:
+            r = torch.linalg.inv(self.linear_map).transpose(-1, -2) @ r  # (R^T L^-1)^T
         return (r * self.scales.square().reciprocal().unsqueeze(-2)) @ r.transpose(-1, -2)
+
+    def canonical(self) -> Gaussians:
+        """The same Gaussians with ``linear_map`` folded into ``scales`` and ``quats`` (for export).
+
+        Uses an eigen-decomposition of the covariance, whose gradient is undefined where two axes
+        have equal length: render and optimise the Gaussians with their ``linear_map`` instead, and
+        call this only to hand scales and rotations to code outside medgauss (e.g. a 3DGS viewer).
+        Returns ``self`` when there is no ``linear_map``.
+        """
+        if self.linear_map is None:
+            return self
+        from medgauss.gaussians.quaternions import rotmat_to_quat
+
+        evals, evecs = torch.linalg.eigh(self.covariance())
+        # eigh may return a reflection; flip the last axis (leaves the covariance unchanged).
+        sign = torch.where(torch.linalg.det(evecs) < 0, -1.0, 1.0).to(evecs.dtype)
+        evecs = torch.cat((evecs[..., :2], evecs[..., 2:] * sign[..., None, None]), dim=-1)
+        scales = evals.clamp_min(torch.finfo(evals.dtype).tiny).sqrt()
+        return Gaussians(self.means, scales, rotmat_to_quat(evecs), self.intensities, validate=False)
 
     # ------------------------------------------------------------------ tensor-like behaviour
     def _map(self, fn, validate: bool = False) -> Gaussians:
-        return Gaussians(*(fn(getattr(self, f)) for f in _FIELDS), validate=validate)
+        linear = None if self.linear_map is None else fn(self.linear_map)
+        return Gaussians(*(fn(getattr(self, f)) for f in _FIELDS), linear_map=linear, validate=validate)
 
     def to(self, *args: Any, **kwargs: Any) -> Gaussians:
         """Move/cast every tensor, with the arguments of ``Tensor.to``."""
@@ -109,7 +149,8 @@ class Gaussians:
         return self._map(Tensor.clone)
 
     def requires_grad_(self, requires_grad: bool = True) -> Gaussians:
-        """Set ``requires_grad`` on every tensor in place (note: ``quats`` is the normalised copy)."""
+        """Set ``requires_grad`` on every parameter tensor in place (note: ``quats`` is the normalised
+        copy; a ``linear_map`` is a fixed map and is left alone)."""
         for f in _FIELDS:
             getattr(self, f).requires_grad_(requires_grad)
         return self
@@ -151,8 +192,12 @@ class Gaussians:
             raise ValueError(f"dim must be 0 (batch) or 1 (Gaussians), got {dim}")
         if len(items) == 0:
             raise ValueError("items must contain at least one Gaussians")
+        linear = None
+        if any(g.linear_map is not None for g in items):
+            linear = torch.cat([g.linear_map if g.linear_map is not None else _identity_map(g) for g in items],
+                               dim=dim)
         return Gaussians(*(torch.cat([getattr(g, f) for g in items], dim=dim) for f in _FIELDS),
-                         validate=False)
+                         linear_map=linear, validate=False)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -164,6 +209,8 @@ class Gaussians:
         if metadata:
             meta["user"] = json.dumps(metadata)
         tensors = {f: getattr(self, f).detach().contiguous().cpu() for f in _FIELDS}
+        if self.linear_map is not None:
+            tensors[_LINEAR_MAP] = self.linear_map.detach().contiguous().cpu()
         tmp = path.with_name(path.name + ".tmp")
         save_file(tensors, str(tmp), metadata=meta)
         tmp.replace(path)
@@ -183,7 +230,7 @@ class Gaussians:
                 if meta.get("format") != _FORMAT or not set(_FIELDS) <= keys:
                     raise ValueError(f"{path} is not a medgauss Gaussians file "
                                      f"(metadata {meta}, tensors {sorted(keys)})")
-                tensors = {k: f.get_tensor(k) for k in _FIELDS}
+                tensors = {k: f.get_tensor(k) for k in _FIELDS + ((_LINEAR_MAP,) if _LINEAR_MAP in keys else ())}
         except ValueError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
@@ -212,6 +259,34 @@ def _check_shapes(means: Tensor, scales: Tensor, quats: Tensor, intensities: Ten
             raise ValueError(f"{name} has dtype {t.dtype} but means has {means.dtype}")
         if t.device != means.device:
             raise ValueError(f"{name} is on {t.device} but means is on {means.device}")
+
+
+def _check_linear_map(linear: Tensor, means: Tensor) -> Tensor:
+    """Shape / dtype / device checks of ``linear_map``; returns it as ``[B, N, 3, 3]`` (an expanded view)."""
+    if not isinstance(linear, Tensor):
+        raise ValueError(f"linear_map must be a torch.Tensor or None, got {type(linear).__name__}")
+    b, n = means.shape[:2]
+    if tuple(linear.shape) not in ((3, 3), (b, n, 3, 3)):
+        raise ValueError(f"linear_map must have shape [3, 3] or [B={b}, N={n}, 3, 3], got {tuple(linear.shape)}")
+    if linear.dtype != means.dtype:
+        raise ValueError(f"linear_map has dtype {linear.dtype} but means has {means.dtype}")
+    if linear.device != means.device:
+        raise ValueError(f"linear_map is on {linear.device} but means is on {means.device}")
+    return linear.expand(b, n, 3, 3)
+
+
+def _check_linear_map_values(linear: Tensor) -> None:
+    if not bool(torch.isfinite(linear).all()):
+        raise ValueError("linear_map contains non-finite values (NaN or inf)")
+    if linear.numel():
+        det = torch.linalg.det(linear).abs()
+        scale = linear.abs().flatten(-2).amax(-1).pow(3)
+        if not bool((det > 1e-12 * scale).all()):
+            raise ValueError("linear_map must be invertible; got a (nearly) singular matrix")
+
+
+def _identity_map(g: Gaussians) -> Tensor:
+    return torch.eye(3, dtype=g.dtype, device=g.device).expand(g.batch_size, g.num_gaussians, 3, 3)
 
 
 def _check_values(means: Tensor, scales: Tensor, quats: Tensor, intensities: Tensor) -> None:

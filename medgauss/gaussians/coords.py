@@ -8,7 +8,9 @@ faces of the volume, and a scale of ``0.1`` is a tenth of that axis' edge.
 World coordinates: ``world = affine @ [i_D, i_H, i_W, 1]`` with the 4x4 voxel-to-world
 ``affine`` of the volume (NIfTI / MONAI ``affine``, RAS millimetres), or ``diag(spacing)`` when
 only the spacing is known. Covariances map as ``M Sigma M^T`` with ``M`` the linear part of the
-combined normalised-to-world map; see :func:`transform_gaussians`.
+combined normalised-to-world map; when ``M`` is not a similarity it is carried as the Gaussians'
+``linear_map`` (exact and differentiable everywhere); see :func:`transform_gaussians`. The array
+axes of every volume follow :mod:`medgauss.frame`: ``(D, H, W)`` = world ``(z, y, x)``.
 """
 
 from __future__ import annotations
@@ -86,41 +88,51 @@ def transform_gaussians(gaussians: Gaussians, matrix: Tensor) -> Gaussians:
     """Map Gaussians through the affine ``x -> M x + t`` given as a ``[4, 4]`` ``matrix``.
 
     Means map as points, covariances as ``M Sigma M^T``; intensities (peak values) are unchanged.
-    When ``M`` is a uniform scale times an orthogonal matrix (any voxel-grid affine with isotropic
-    spacing over a cubic crop, including axis permutations and flips) the result is exact and
-    differentiable: scales are multiplied, rotations composed. Otherwise the new axes come from an
-    eigen-decomposition of ``M Sigma M^T``, whose gradient is undefined for equal scales.
+    Every route is exact and differentiable at every input:
+
+    * ``M`` a uniform scale times an orthogonal matrix (isotropic spacing, axis permutations, flips),
+      on Gaussians without a ``linear_map``: scales are multiplied and rotations composed, so the
+      result stays in plain scale / rotation form.
+    * any other ``M`` (anisotropic spacing, a non-cubic crop, shear): ``M`` is composed into the
+      Gaussians' ``linear_map`` (``L -> M L``), which every renderer honours through
+      :meth:`Gaussians.covariance` / :meth:`Gaussians.precision`. No eigen-decomposition is taken
+      (its gradient is undefined where two mapped axes have equal length, e.g. an isotropic Gaussian
+      on a CT grid whose z spacing differs); :meth:`Gaussians.canonical` does that for export only.
+
+    Args:
+        gaussians: ``B`` x ``N`` Gaussians.
+        matrix: ``[4, 4]`` affine (float64 recommended; cast to the Gaussians' dtype).
+
+    Returns:
+        The mapped Gaussians (same ``B``, ``N``, dtype and device).
     """
     m = torch.as_tensor(matrix, dtype=torch.float64).cpu()
-    if m.shape != (4, 4):
-        raise ValueError(f"matrix must be [4, 4], got {tuple(m.shape)}")
+    if m.shape != (4, 4) or not bool(torch.isfinite(m).all()):
+        raise ValueError(f"matrix must be a finite [4, 4] affine, got shape {tuple(m.shape)}")
     lin = m[:3, :3]
     gram = lin @ lin.T
     c = float(gram.diagonal().mean().sqrt())
+    if not c > 0:
+        raise ValueError("matrix has a zero linear part")
     dev, dt = gaussians.device, gaussians.dtype
     means = transform_points(gaussians.means, m)
-    if torch.allclose(gram, torch.eye(3, dtype=torch.float64) * c * c, rtol=1e-9, atol=1e-12 * c * c):
-        q_mat = lin / c
-        quats = gaussians.quats
-        if float(torch.linalg.det(q_mat)) < 0:
-            # Q = Q+ F with F = diag(1, 1, -1): F R F is the rotation with quaternion (w, -x, -y, z),
-            # and flipping the Gaussian's third axis leaves its covariance unchanged.
-            flip = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
-            q_mat = q_mat * flip  # Q F (scales columns)
-            quats = quats * torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dt, device=dev)
-        q_outer = rotmat_to_quat(q_mat).to(dtype=dt, device=dev)
-        quats = quat_multiply(q_outer.expand_as(quats), quats)
-        scales = gaussians.scales * c
-    else:
+    similarity = torch.allclose(gram, torch.eye(3, dtype=torch.float64) * c * c, rtol=1e-9, atol=1e-12 * c * c)
+    if gaussians.linear_map is not None or not similarity:
         lin_t = lin.to(dtype=dt, device=dev)
-        cov = lin_t @ gaussians.covariance() @ lin_t.T
-        evals, evecs = torch.linalg.eigh(cov)
-        # eigh may return a reflection; flip the last axis (leaves the covariance unchanged).
-        sign = torch.where(torch.linalg.det(evecs) < 0, -1.0, 1.0).to(dt)
-        evecs = torch.cat((evecs[..., :2], evecs[..., 2:] * sign[..., None, None]), dim=-1)
-        scales = evals.clamp_min(torch.finfo(dt).tiny).sqrt()
-        quats = rotmat_to_quat(evecs)
-    return Gaussians(means, scales, quats, gaussians.intensities, validate=False)
+        linear = lin_t if gaussians.linear_map is None else lin_t @ gaussians.linear_map
+        return Gaussians(means, gaussians.scales, gaussians.quats, gaussians.intensities,
+                         linear_map=linear, validate=False)
+    q_mat = lin / c
+    quats = gaussians.quats
+    if float(torch.linalg.det(q_mat)) < 0:
+        # Q = Q+ F with F = diag(1, 1, -1): F R F is the rotation with quaternion (w, -x, -y, z),
+        # and flipping the Gaussian's third axis leaves its covariance unchanged.
+        flip = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64)
+        q_mat = q_mat * flip  # Q F (scales columns)
+        quats = quats * torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=dt, device=dev)
+    q_outer = rotmat_to_quat(q_mat).to(dtype=dt, device=dev)
+    quats = quat_multiply(q_outer.expand_as(quats), quats)
+    return Gaussians(means, gaussians.scales * c, quats, gaussians.intensities, validate=False)
 
 
 def gaussians_to_world(

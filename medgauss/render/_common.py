@@ -118,6 +118,5 @@ def half_extents(gaussians: Gaussians, cutoff: float | None) -> Tensor:
     """
     if cutoff is None:
         return torch.full_like(gaussians.means, math.inf).detach()
-    r = gaussians.rotation_matrices()
-    var = (r.square() * gaussians.scales.square().unsqueeze(-2)).sum(-1)
+    var = gaussians.covariance().diagonal(dim1=-2, dim2=-1)
     return (cutoff * var.sqrt()).detach()
