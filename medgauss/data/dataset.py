@@ -76,13 +76,14 @@ class PretrainCropDataset(Dataset):
     often; the crop / flip randomness is seeded with ``(seed, sample_id)``.
 
     Args:
-        volumes: preprocessed volumes (``{"image": [1,X,Y,Z], "fg_indices": [P], "bg_indices": [Q]}``).
+        volumes: preprocessed volumes (``{"image": [1, D, H, W], "affine": [4, 4], "fg_indices": [P],
+            "bg_indices": [Q]}``).
         augment: random MONAI ``Compose`` (e.g. :func:`pretrain_augment`); must return a list of one dict.
         samples_per_epoch: ids per epoch; a multiple of ``len(volumes)`` (default: ``len(volumes)``).
         seed: data seed.
 
-    Returns (``__getitem__``): ``{"image": [1, D, H, W] float32 in [b_min, b_max], "sample_id": int,
-    "volume_index": int}``.
+    Returns (``__getitem__``): ``{"image": [1, D, H, W] float32 in [b_min, b_max], "affine": [4, 4] float64
+    (the crop's voxel -> world RAS mm map, see :mod:`medgauss.frame`), "sample_id": int, "volume_index": int}``.
     """
 
     def __init__(
@@ -117,10 +118,15 @@ class PretrainCropDataset(Dataset):
         index = self.volume_index(sample_id)
         volume = self.volumes[index]
         self.augment.set_random_state(seed=sample_seed(self.seed, sample_id))
-        keys = ("image", "fg_indices", "bg_indices")
+        keys = ("image", "affine", "fg_indices", "bg_indices")
         crops = self.augment({key: volume[key] for key in keys})
         crop = crops[0] if isinstance(crops, list) else crops
-        return {"image": torch.as_tensor(crop["image"]), "sample_id": int(sample_id), "volume_index": index}
+        return {
+            "image": torch.as_tensor(crop["image"]),
+            "affine": torch.as_tensor(crop["affine"], dtype=torch.float64),
+            "sample_id": int(sample_id),
+            "volume_index": index,
+        }
 
 
 class ShardedSampleSampler(Sampler[int]):

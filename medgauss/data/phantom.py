@@ -1,7 +1,8 @@
 """Procedural chest / upper-abdomen CT phantoms with realistic Hounsfield units and a label map.
 
-Arrays are in RAS voxel order: axis 0 = x (patient left -> right), axis 1 = y (posterior -> anterior),
-axis 2 = z (inferior -> superior). Each case draws its body size, organ positions and sizes, rib
+Arrays follow the medgauss volume frame (:mod:`medgauss.frame`): ``[D, H, W]`` with axis 0 towards
+Superior (z), axis 1 towards Anterior (y), axis 2 towards the patient's Right (x), and an affine to RAS
+millimetres with the volume centred on the origin. Each case draws its body size, organ positions and sizes, rib
 spacing and noise from a seed, so unlimited distinct volumes can be generated and written as NIfTI
 (:func:`write_phantom_dataset`) for the same pipeline as real data.
 
@@ -16,8 +17,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+
+from medgauss.frame import grid_affine, save_nifti
 
 __all__ = ["PHANTOM_LABELS", "PHANTOM_HU", "make_ct_phantom", "write_phantom_dataset"]
 
@@ -75,22 +77,26 @@ def make_ct_phantom(
     """One random chest / upper-abdomen phantom.
 
     Args:
-        shape: ``(X, Y, Z)`` voxels (RAS order).
-        spacing: voxel size in mm (one value or per axis).
+        shape: ``(D, H, W)`` voxels along (z, y, x), as in :mod:`medgauss.frame`.
+        spacing: voxel size in mm (one value or per axis, (D, H, W) order).
         seed: case seed (anatomy variation and noise).
         noise_hu: standard deviation of additive Gaussian noise, HU.
 
     Returns:
-        ``(hu, labels, affine)``: ``hu`` int16 ``[X, Y, Z]`` in [-1024, 3071]; ``labels`` uint8
-        ``[X, Y, Z]`` with values of :data:`PHANTOM_LABELS` (0: unlabelled); ``affine`` ``[4, 4]``
-        float64 (voxel -> mm, RAS, volume centred on the origin).
+        ``(hu, labels, affine)``: ``hu`` int16 ``[D, H, W]`` in [-1024, 3071]; ``labels`` uint8
+        ``[D, H, W]`` with values of :data:`PHANTOM_LABELS` (0: unlabelled); ``affine`` ``[4, 4]``
+        float64 (voxel ``(d, h, w)`` -> RAS mm, volume centred on the origin).
     """
-    shape = tuple(int(s) for s in shape)
-    if len(shape) != 3 or min(shape) < 8:
-        raise ValueError(f"shape must be 3 ints >= 8, got {shape}")
-    spacing = (float(spacing),) * 3 if isinstance(spacing, (int, float)) else tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
+    frame_shape = tuple(int(s) for s in shape)
+    if len(frame_shape) != 3 or min(frame_shape) < 8:
+        raise ValueError(f"shape must be 3 ints >= 8, got {frame_shape}")
+    frame_spacing = (
+        (float(spacing),) * 3 if isinstance(spacing, (int, float)) else tuple(float(s) for s in spacing)
+    )
+    if len(frame_spacing) != 3 or min(frame_spacing) <= 0:
         raise ValueError(f"spacing must be a positive float or 3 positive floats, got {spacing}")
+    # The anatomy is drawn on (x, y, z)-ordered axes and transposed into the (z, y, x) frame at the end.
+    shape, spacing = frame_shape[::-1], frame_spacing[::-1]
     if noise_hu < 0:
         raise ValueError(f"noise_hu must be >= 0, got {noise_hu}")
     rng = np.random.default_rng(seed)
@@ -180,10 +186,8 @@ def make_ct_phantom(
     if noise_hu > 0:
         hu += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
-
-    affine = np.diag([*spacing, 1.0])
-    affine[:3, 3] = -extent / 2 + np.array(spacing) / 2
-    return hu, labels, affine
+    hu, labels = (np.ascontiguousarray(a.transpose(2, 1, 0)) for a in (hu, labels))  # (x, y, z) -> (z, y, x)
+    return hu, labels, grid_affine(frame_shape, frame_spacing)
 
 
 def write_phantom_dataset(
@@ -238,8 +242,8 @@ def write_phantom_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     for i, entry in enumerate(datalist):
         hu, labels, affine = make_ct_phantom(shape, spacing, seed=seed + i, noise_hu=noise_hu)
-        nib.save(nib.Nifti1Image(hu, affine), entry["image"])
-        nib.save(nib.Nifti1Image(labels, affine), entry["label"])
+        save_nifti(entry["image"], hu, affine)
+        save_nifti(entry["label"], labels, affine)
     tmp = manifest.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(params))
     os.replace(tmp, manifest)  # written last: its presence means every file is complete

@@ -2,16 +2,21 @@
 
 Two halves, so the expensive deterministic half can be cached once per volume:
 
-* :func:`pretrain_preprocess` (deterministic): load -> channel first -> orientation RAS -> spacing
-  (1.5 mm) -> HU window ``[a_min, a_max]`` scaled to ``[b_min, b_max]`` (clipped) -> foreground crop ->
-  size check -> crop-centre indices. Output keys: ``"image"`` ``[1, X, Y, Z]`` float32 and
-  ``"fg_indices"`` / ``"bg_indices"`` (label > 0 where a label exists, else image > foreground threshold).
+* :func:`pretrain_preprocess` (deterministic): load (finite values only) -> channel first -> orientation
+  into the medgauss frame -> spacing (1.5 mm) -> HU window ``[a_min, a_max]`` scaled to ``[b_min, b_max]``
+  (clipped) -> foreground crop -> size check -> crop-centre indices. Output keys: ``"image"``
+  ``[1, D, H, W]`` float32, ``"affine"`` ``[4, 4]`` float64 and ``"fg_indices"`` / ``"bg_indices"`` (label > 0
+  where a label exists, else image > foreground threshold).
 * :func:`pretrain_augment` (random): ``spatial_size`` sub-crop centred on a positive (mask) voxel with
   probability ``pos / (pos + neg)`` (3:1 default), random flips along each axis, rotate by 90 degrees in
   the axial plane, intensity scale and shift, then a clamp back to ``[b_min, b_max]``.
-  Output: ``{"image": [1, *spatial_size] float32}``.
+  Output: ``{"image": [1, *spatial_size] float32, "affine": [4, 4] float64}``.
 
-Array axes follow the RAS orientation: axis 0 = x (right), 1 = y (anterior), 2 = z (superior).
+Array axes follow :mod:`medgauss.frame`: axis 0 (D) towards Superior, 1 (H) Anterior, 2 (W) Right, so
+``image[0, d]`` is an axial slice. Every volume carries its ``affine`` (voxel index ``(d, h, w, 1)`` ->
+world RAS mm); a crop's affine includes its offset and any flip or rotation applied to it, so a Gaussian
+predicted in the crop's normalised coordinates maps to world mm by
+``gaussians_to_world(g, crop_shape, affine=crop["affine"])``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -39,12 +45,16 @@ from monai.transforms import (
 )
 from monai.transforms.utils import map_binary_to_indices
 
+from medgauss.frame import AXCODES
+
 __all__ = [
     "DataError",
     "LoadVolumed",
     "RequireMinSized",
     "CropCentreIndicesd",
     "ClampIntensityd",
+    "StoreAffined",
+    "AttachAffined",
     "pretrain_preprocess",
     "pretrain_augment",
     "sample_seed",
@@ -90,6 +100,11 @@ class LoadVolumed(MapTransform):
             if d[key].ndim != 3:
                 raise DataError(
                     f"{key} file {path} must hold a 3-D volume, got array shape {tuple(d[key].shape)}"
+                )
+            finite = torch.isfinite(torch.as_tensor(d[key]))
+            if not bool(finite.all()):
+                raise DataError(
+                    f"{key} file {path} holds {int((~finite).sum())} non-finite voxel(s) (NaN or inf)"
                 )
         return d
 
@@ -175,6 +190,43 @@ class ClampIntensityd(MapTransform):
         return d
 
 
+class StoreAffined(MapTransform):
+    """Copy the voxel-to-world affine that MONAI tracks on ``image_key`` into ``d["affine"]``.
+
+    The value is a ``[4, 4]`` float64 tensor (voxel index ``(d, h, w, 1)`` -> world RAS mm), so it survives
+    the conversion of the image to a plain tensor and the default collate (``[B, 4, 4]``).
+    """
+
+    def __init__(self, image_key: str = "image", affine_key: str = "affine") -> None:
+        super().__init__([image_key])
+        self.image_key, self.affine_key = image_key, affine_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        image = d[self.image_key]
+        if not isinstance(image, MetaTensor):
+            raise ValueError(f"{self.image_key} carries no affine (got {type(image).__name__}, not a MetaTensor)")
+        d[self.affine_key] = torch.as_tensor(image.affine, dtype=torch.float64).clone()
+        return d
+
+
+class AttachAffined(MapTransform):
+    """Make ``image_key`` a ``MetaTensor`` carrying ``d["affine"]``, so MONAI's crops, flips and rotations
+    update the affine along with the voxels (:class:`StoreAffined` reads it back)."""
+
+    def __init__(self, image_key: str = "image", affine_key: str = "affine") -> None:
+        super().__init__([image_key])
+        self.image_key, self.affine_key = image_key, affine_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        affine = torch.as_tensor(d[self.affine_key], dtype=torch.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"{self.affine_key} must be [4, 4], got {tuple(affine.shape)}")
+        d[self.image_key] = MetaTensor(torch.as_tensor(d[self.image_key]), affine=affine)
+        return d
+
+
 def pretrain_preprocess(
     *,
     spatial_size: int | Sequence[int] = 96,
@@ -200,8 +252,9 @@ def pretrain_preprocess(
         has_labels: entries carry a ``"label"`` file (resampled with nearest neighbour).
 
     Returns:
-        ``Compose``: ``{"image": path, "label": path?}`` -> ``{"image": [1,X,Y,Z] float32,
-        "fg_indices": [P] int64, "bg_indices": [Q] int64}`` (see :class:`CropCentreIndicesd`).
+        ``Compose``: ``{"image": path, "label": path?}`` -> ``{"image": [1, D, H, W] float32,
+        "affine": [4, 4] float64, "fg_indices": [P] int64, "bg_indices": [Q] int64}`` (see
+        :class:`CropCentreIndicesd`; axes as in :mod:`medgauss.frame`).
     """
     if not a_min < a_max:
         raise ValueError(f"HU window needs a_min < a_max, got a_min={a_min}, a_max={a_max}")
@@ -215,7 +268,7 @@ def pretrain_preprocess(
         [
             LoadVolumed(keys),
             EnsureChannelFirstd(keys, channel_dim="no_channel"),
-            Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Orientationd(keys, axcodes="".join(AXCODES), labels=(("L", "R"), ("P", "A"), ("I", "S"))),
             Spacingd(keys, pixdim=pix, mode=modes),
             ScaleIntensityRanged("image", a_min=a_min, a_max=a_max, b_min=b_min, b_max=b_max, clip=clip),
             CropForegroundd(
@@ -227,6 +280,7 @@ def pretrain_preprocess(
             ),
             RequireMinSized("image", size),
             CropCentreIndicesd("image", "label", threshold=foreground_threshold),
+            StoreAffined("image"),
             EnsureTyped(["image"], dtype=torch.float32, track_meta=False),
         ]
     )
@@ -253,25 +307,26 @@ def pretrain_augment(
         pos, neg: ratio of crops centred on a positive vs. a negative voxel (:class:`CropCentreIndicesd`).
         foreground_threshold: negatives are centred where the image exceeds it.
         flip_prob: probability of a flip, independently along each of the 3 axes.
-        rot90_prob: probability of a k*90 degree rotation (k in 1..3) in the axial plane (axes 0, 1).
+        rot90_prob: probability of a k*90 degree rotation (k in 1..3) in the axial plane (array axes 1, 2).
         scale_intensity: ``v -> v * (1 + f)`` with ``f ~ U(-scale, scale)``, probability ``intensity_prob``.
         shift_intensity: ``v -> v + o`` with ``o ~ U(-shift, shift)``, with probability ``intensity_prob``.
         b_min, b_max: final clamp range (the scaled intensity range).
 
     Returns:
-        ``Compose`` (randomised through ``set_random_state``): cached dict -> list with one
-        ``{"image": [1, *spatial_size] float32}``.
+        ``Compose`` (randomised through ``set_random_state``): cached dict (with ``"affine"``) -> list with
+        one ``{"image": [1, *spatial_size] float32, "affine": [4, 4] float64}``, the crop's own affine.
     """
     size = _as_triple(spatial_size, "spatial_size")
     for name, p in (("flip_prob", flip_prob), ("rot90_prob", rot90_prob), ("intensity_prob", intensity_prob)):
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"{name} must be in [0, 1], got {p}")
-    if rot90_prob > 0 and size[0] != size[1]:
-        raise ValueError(f"rot90 in the axial plane needs spatial_size[0] == spatial_size[1], got {size}")
+    if rot90_prob > 0 and size[1] != size[2]:
+        raise ValueError(f"rot90 in the axial plane needs spatial_size[1] == spatial_size[2], got {size}")
     if pos < 0 or neg < 0 or pos + neg == 0:
         raise ValueError(f"pos and neg must be >= 0 and not both 0, got pos={pos}, neg={neg}")
     return Compose(
         [
+            AttachAffined("image"),
             RandCropByPosNegLabeld(
                 ["image"],
                 label_key="label",  # absent: centres come from the precomputed indices below
@@ -288,10 +343,11 @@ def pretrain_augment(
             RandFlipd(["image"], prob=flip_prob, spatial_axis=0),
             RandFlipd(["image"], prob=flip_prob, spatial_axis=1),
             RandFlipd(["image"], prob=flip_prob, spatial_axis=2),
-            RandRotate90d(["image"], prob=rot90_prob, max_k=3, spatial_axes=(0, 1)),
+            RandRotate90d(["image"], prob=rot90_prob, max_k=3, spatial_axes=(1, 2)),
             RandScaleIntensityd(["image"], factors=scale_intensity, prob=intensity_prob),
             RandShiftIntensityd(["image"], offsets=shift_intensity, prob=intensity_prob),
             ClampIntensityd(["image"], b_min, b_max),
+            StoreAffined("image"),
             EnsureTyped(["image"], dtype=torch.float32, track_meta=False),
         ]
     )

@@ -1,4 +1,4 @@
-"""CT phantom generator: tissue HU, anatomy layout in RAS, determinism, dataset writing."""
+"""CT phantom generator: tissue HU, anatomy layout in the medgauss frame, determinism, dataset writing."""
 
 from __future__ import annotations
 
@@ -32,16 +32,28 @@ def test_every_structure_has_its_hounsfield_value(clean_phantom):
     assert unlabelled == {PHANTOM_HU["background"], PHANTOM_HU["muscle"], PHANTOM_HU["subcutaneous_fat"]}
 
 
-def test_anatomy_is_laid_out_in_ras(clean_phantom):
+def test_anatomy_is_laid_out_in_the_medgauss_frame(clean_phantom):
+    """Array axes (D, H, W) = (z, y, x) towards Superior, Anterior, Right (medgauss.frame)."""
     _, labels, affine = clean_phantom
     centre = lambda name: np.argwhere(labels == PHANTOM_LABELS[name]).mean(0)
-    assert centre("lung_right")[0] > centre("lung_left")[0]  # +x = patient right in RAS
-    assert centre("liver")[0] > centre("spleen")[0]  # liver on the right
+    assert centre("lung_right")[2] > centre("lung_left")[2]  # +x = patient right
+    assert centre("liver")[2] > centre("spleen")[2]  # liver on the right
     assert centre("vertebra")[1] < centre("heart")[1]  # spine posterior (-y) to the heart
-    assert centre("lung_left")[2] > centre("liver")[2] and centre("lung_left")[2] > centre("kidney_left")[2]
-    assert nib.aff2axcodes(affine) == ("R", "A", "S")
-    np.testing.assert_allclose(affine[:3, :3], np.diag([3.5] * 3))
+    assert centre("lung_left")[0] > centre("liver")[0] and centre("lung_left")[0] > centre("kidney_left")[0]
+    assert nib.aff2axcodes(affine) == ("S", "A", "R")
+    np.testing.assert_allclose(affine[:3, :3], [[0, 0, 3.5], [0, 3.5, 0], [3.5, 0, 0]])
     np.testing.assert_allclose(affine @ [47.5, 47.5, 47.5, 1.0], [0, 0, 0, 1], atol=1e-9)  # centred
+    # world positions: the right lung has x > 0 and lies above the liver (z)
+    world = lambda name: affine[:3, :3] @ centre(name) + affine[:3, 3]
+    assert world("lung_right")[0] > 0 > world("lung_left")[0]
+    assert world("lung_right")[2] > world("liver")[2]
+
+
+def test_anisotropic_phantom_shape_and_spacing_follow_d_h_w():
+    hu, labels, affine = make_ct_phantom((20, 40, 48), (5.0, 2.0, 1.8), seed=1, noise_hu=0.0)
+    assert hu.shape == labels.shape == (20, 40, 48)
+    np.testing.assert_allclose(np.abs(affine[:3, :3]).sum(0), [5.0, 2.0, 1.8])  # column a = axis a's step
+    np.testing.assert_allclose(affine[2, 0], 5.0)  # axis 0 runs along z
 
 
 def test_phantoms_are_deterministic_per_seed_and_vary_across_seeds():

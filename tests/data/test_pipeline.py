@@ -35,18 +35,25 @@ def test_preprocess_matches_numpy_reference(tmp_path):
     rng = np.random.default_rng(0)
     hu = np.full((24, 20, 28), -1000, dtype=np.int16)
     hu[3:21, 2:17, 4:26] = rng.integers(-150, 400, size=(18, 15, 22))  # body: all above the window floor
-    path = _save(tmp_path / "las.nii.gz", hu, flip_x=True)  # stored LAS: x must be flipped to RAS
+    path = _save(tmp_path / "las.nii.gz", hu, flip_x=True)  # stored LAS: x must be flipped
     out = pretrain_preprocess(spatial_size=8, has_labels=False)({"image": path})
-    expected = _window(np.flip(hu, axis=0))[3:21, 2:17, 4:26]  # RAS, cropped to the body
+    # medgauss frame: array axes (z, y, x) towards S, A, R; then cropped to the body
+    expected = _window(np.flip(hu, axis=0).transpose(2, 1, 0))[4:26, 2:17, 3:21]
     assert tuple(out["image"].shape) == (1, *expected.shape)
     np.testing.assert_allclose(out["image"][0].numpy(), expected, atol=1e-5)
+    # the affine travels with the volume: voxel (d, h, w) of the output -> the same world point as the input
+    idx_in = np.array([5, 7, 9])  # (i, j, k) of the stored LAS array, inside the body
+    world = np.diag([-1.5, 1.5, 1.5]) @ idx_in
+    d, h, w = 9 - 4, 7 - 2, (24 - 1 - 5) - 3  # flipped x, transposed, body-cropped
+    np.testing.assert_allclose(out["affine"].numpy() @ [d, h, w, 1.0], [*world, 1.0], atol=1e-9)
+    assert float(out["image"][0, d, h, w]) == pytest.approx(float(_window(hu[5, 7, 9])), abs=1e-5)
 
 
 def test_preprocess_resamples_to_target_spacing(tmp_path):
     hu = np.zeros((10, 12, 8), dtype=np.int16)
     path = _save(tmp_path / "coarse.nii.gz", hu, spacing=(3.0, 3.0, 3.0))
     out = pretrain_preprocess(spatial_size=4, has_labels=False)({"image": path})
-    assert tuple(out["image"].shape[1:]) == (19, 23, 15)  # (n - 1) * 3 / 1.5 + 1 voxel centres
+    assert tuple(out["image"].shape[1:]) == (15, 23, 19)  # (n - 1) * 3 / 1.5 + 1 voxel centres, (z, y, x)
     np.testing.assert_allclose(out["image"].numpy(), 175.0 / 425.0, atol=1e-6)
 
 
@@ -121,7 +128,7 @@ def test_bad_files_fail_naming_the_file(tmp_path):
     small[10:20, 5:25, 5:25] = 40  # body only 10 voxels along x
     path = _save(tmp_path / "small.nii.gz", small)
     with pytest.raises(
-        DataError, match=r"small.nii.gz.*\(10, 20, 20\).*smaller than the crop size \(16, 16, 16\)"
+        DataError, match=r"small.nii.gz.*\(20, 20, 10\).*smaller than the crop size \(16, 16, 16\)"
     ):
         build_pretrain_dataset([{"image": path}], spatial_size=16)
     flat = _save(tmp_path / "flat2d.nii.gz", np.zeros((20, 20), dtype=np.int16))
@@ -129,6 +136,15 @@ def test_bad_files_fail_naming_the_file(tmp_path):
         build_pretrain_dataset([{"image": flat}], spatial_size=8)
     with pytest.raises(ValueError, match="empty"):
         build_pretrain_dataset([], spatial_size=8)
+
+
+def test_non_finite_voxels_are_rejected_naming_the_file(tmp_path):
+    hu = np.full((30, 30, 30), 40.0, dtype=np.float32)
+    hu[10:14, 10:14, 10:14] = np.nan
+    hu[0, 0, 0] = np.inf
+    path = _save(tmp_path / "holes.nii.gz", hu)
+    with pytest.raises(DataError, match=r"holes.nii.gz holds 65 non-finite voxel"):
+        build_pretrain_dataset([{"image": path}], spatial_size=8)
 
 
 def test_partially_labelled_datalists_are_rejected(tmp_path):
@@ -140,8 +156,9 @@ def test_partially_labelled_datalists_are_rejected(tmp_path):
 def test_bundled_ct_gives_96_cubed_crops():
     ds = build_pretrain_dataset(example_ct_datalist(), samples_per_volume=2)
     volume = ds.volumes[0]["image"]
-    # 3 mm grid (120, 97, 110) -> 1.5 mm voxel centres ((n - 1) * 2 + 1), then cropped to the body along y.
-    assert tuple(volume.shape) == (1, 239, 181, 219)
+    # 3 mm grid (x, y, z) = (120, 97, 110) -> 1.5 mm voxel centres ((n - 1) * 2 + 1), cropped to the body
+    # along y; array axes (z, y, x) in the medgauss frame.
+    assert tuple(volume.shape) == (1, 219, 181, 239)
     crop = ds[0]["image"]
     assert crop.shape == (1, 96, 96, 96) and crop.dtype == torch.float32
     assert 0.0 <= float(crop.min()) and float(crop.max()) <= 1.0 and float(crop.std()) > 0.05

@@ -1,0 +1,214 @@
+"""The one volume frame of medgauss: how a volume's array axes sit in the world.
+
+Every volume the library touches (pretraining crops, phantoms, the bundled CT, prepared CT cases,
+reconstructions, the CT geometry, panels, and the normalised coordinates of predicted Gaussians) is
+an array ``[..., D, H, W]`` whose axes run along world ``(z, y, x)``:
+
+* world coordinates are RAS+ millimetres: ``+x`` towards the patient's Right, ``+y`` Anterior, ``+z``
+  Superior (NIfTI's convention, and nibabel's ``affine``);
+* array axis 0 (D) indexes increase towards Superior, axis 1 (H) towards Anterior, axis 2 (W)
+  towards Right: nibabel axis codes :data:`AXCODES` = ``("S", "A", "R")``;
+* each volume travels with its ``[4, 4]`` float64 ``affine`` mapping voxel index ``(d, h, w, 1)`` to
+  world ``(x, y, z, 1)`` mm, the NIfTI meaning of an affine; in this frame its linear part is
+  ``[[0, 0, sw], [0, sh, 0], [sd, 0, 0]]`` for voxel sizes ``(sd, sh, sw)`` (until an augmentation
+  flips or rotates a crop: the crop's affine then records that too).
+
+This is TIGRE's and :class:`medgauss.geometry.CircularGeometry`'s layout (gantry rotation about world
+z, so an axial slice is ``volume[d]`` and a detector row runs along x/y), so a crop made for
+pretraining, a case prepared for reconstruction and the geometry that projects it agree without a
+transpose. Normalised coordinates of Gaussians (component ``a`` along array axis ``a``) are therefore
+``(z, y, x)``-ordered fractions of the volume; :func:`medgauss.gaussians.gaussians_to_world` maps them
+to world ``(x, y, z)`` mm through the volume's affine.
+
+A user's NIfTI (any orientation code, any spacing) enters this frame in one place:
+:func:`to_canonical` (a permutation and flips of the array, never a resampling), used by
+:func:`load_nifti` and by the MONAI pipelines (``Orientationd(axcodes=AXCODES)``).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel import orientations
+
+__all__ = [
+    "AXCODES",
+    "to_canonical",
+    "is_canonical",
+    "load_nifti",
+    "save_nifti",
+    "grid_affine",
+    "crop_affine",
+    "voxel_to_world",
+    "world_to_voxel",
+]
+
+AXCODES: tuple[str, str, str] = ("S", "A", "R")
+"""Direction towards which array axes 0, 1, 2 (D, H, W) of every medgauss volume increase."""
+
+
+def _as_affine(affine: np.ndarray | Sequence[Sequence[float]], name: str = "affine") -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise ValueError(f"{name} must be a finite [4, 4] voxel-to-world matrix, got shape {a.shape}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise ValueError(f"{name} has a singular linear part")
+    return a
+
+
+def to_canonical(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient a volume into the medgauss frame (axes towards S, A, R) without resampling.
+
+    The array's axes are permuted and flipped to the closest canonical orientation (nibabel's
+    ``io_orientation``: oblique acquisitions keep their obliquity in the returned affine), so every
+    voxel keeps its value and its world position.
+
+    Args:
+        array: ``[I, J, K]`` volume in the voxel order of ``affine`` (e.g. a NIfTI's data array).
+        affine: ``[4, 4]`` voxel-to-world RAS mm matrix (the NIfTI affine).
+
+    Returns:
+        ``(array [D, H, W], affine [4, 4] float64)`` with array axes towards (S, A, R). The array is
+        a view where numpy allows it.
+    """
+    if np.ndim(array) != 3:
+        raise ValueError(f"array must be a 3-D volume, got shape {np.shape(array)}")
+    a = _as_affine(affine)
+    current = orientations.io_orientation(a)
+    target = orientations.axcodes2ornt(AXCODES)
+    transform = orientations.ornt_transform(current, target)
+    out = orientations.apply_orientation(np.asarray(array), transform)
+    new_affine = a @ orientations.inv_ornt_aff(transform, np.shape(array))
+    return out, new_affine
+
+
+def is_canonical(affine: np.ndarray) -> bool:
+    """Whether ``affine``'s array axes point towards (S, A, R) (to within obliquity)."""
+    return orientations.aff2axcodes(_as_affine(affine)) == AXCODES
+
+
+def load_nifti(path: str | Path, *, dtype: np.dtype | type = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3-D NIfTI volume into the medgauss frame.
+
+    Args:
+        path: ``.nii`` / ``.nii.gz`` file (a trailing singleton 4th axis is dropped).
+        dtype: dtype of the returned array (values scaled by the header's slope / intercept).
+
+    Returns:
+        ``(array [D, H, W], affine [4, 4] float64)`` in the frame of this module.
+
+    Raises:
+        FileNotFoundError: no such file. ValueError (naming the file): unreadable or corrupt file, not
+        3-D, or non-finite voxels.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"NIfTI file not found: {path}")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=dtype)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel / gzip raise many types for corrupt files
+        raise ValueError(f"could not read NIfTI file {path}: {type(exc).__name__}: {exc}") from exc
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path} is not a 3-D volume (array shape {data.shape})")
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise ValueError(f"{path} holds {bad} non-finite voxel(s) (NaN or inf)")
+    try:
+        return to_canonical(data, affine)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+
+
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write a ``[D, H, W]`` volume in the medgauss frame with its affine, atomically (temp + rename).
+
+    Args:
+        path: output ``.nii`` / ``.nii.gz`` file (parent folders are created).
+        array: ``[D, H, W]`` volume (any numeric dtype nibabel stores).
+        affine: ``[4, 4]`` voxel-to-world RAS mm matrix of ``array``.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    arr = np.asarray(array)
+    if arr.ndim != 3:
+        raise ValueError(f"array must be a 3-D volume [D, H, W], got shape {arr.shape}")
+    a = _as_affine(affine)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
+    img = nib.Nifti1Image(arr, a)
+    img.set_qform(a, code=1)
+    img.set_sform(a, code=1)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def grid_affine(
+    shape: Sequence[int], spacing: Sequence[float], centre: Sequence[float] = (0.0, 0.0, 0.0)
+) -> np.ndarray:
+    """Affine of a canonical grid of ``shape`` voxels whose centre sits at world ``centre``.
+
+    Args:
+        shape: ``(D, H, W)`` voxels.
+        spacing: ``(sd, sh, sw)`` voxel size in mm (along z, y, x).
+        centre: world ``(x, y, z)`` mm of the grid's centre.
+
+    Returns:
+        ``[4, 4]`` float64: voxel ``(d, h, w)`` sits at ``x = (w - (W-1)/2) sw + cx``,
+        ``y = (h - (H-1)/2) sh + cy``, ``z = (d - (D-1)/2) sd + cz`` (the geometry's ``volume_affine``
+        for ``centre = vol_offset`` reversed).
+    """
+    shape = tuple(int(s) for s in shape)
+    sp = tuple(float(s) for s in spacing)
+    c = tuple(float(v) for v in centre)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"shape must be three positive ints (D, H, W), got {shape}")
+    if len(sp) != 3 or min(sp) <= 0:
+        raise ValueError(f"spacing must be three positive sizes in mm (D, H, W), got {sp}")
+    if len(c) != 3 or not all(np.isfinite(c)):
+        raise ValueError(f"centre must be three finite world coordinates (x, y, z) mm, got {c}")
+    a = np.zeros((4, 4))
+    a[3, 3] = 1.0
+    for row, axis in ((0, 2), (1, 1), (2, 0)):  # x <- w, y <- h, z <- d
+        a[row, axis] = sp[axis]
+        a[row, 3] = c[row] - (shape[axis] - 1) / 2.0 * sp[axis]
+    return a
+
+
+def crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
+    """Affine of the sub-volume whose voxel ``(0, 0, 0)`` is voxel ``start`` ``(d, h, w)`` of ``affine``."""
+    a = _as_affine(affine).copy()
+    s = np.asarray(start, dtype=np.float64)
+    if s.shape != (3,):
+        raise ValueError(f"start must be three voxel indices (d, h, w), got {start!r}")
+    a[:3, 3] = a[:3, 3] + a[:3, :3] @ s
+    return a
+
+
+def voxel_to_world(indices: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """World ``[..., 3]`` (x, y, z) mm of continuous voxel indices ``[..., 3]`` (d, h, w)."""
+    a = _as_affine(affine)
+    idx = np.asarray(indices, dtype=np.float64)
+    return idx @ a[:3, :3].T + a[:3, 3]
+
+
+def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Continuous voxel indices ``[..., 3]`` (d, h, w) of world points ``[..., 3]`` (x, y, z) mm."""
+    inv = np.linalg.inv(_as_affine(affine))
+    pts = np.asarray(points, dtype=np.float64)
+    return pts @ inv[:3, :3].T + inv[:3, 3]
