@@ -43,6 +43,7 @@ __all__ = [
     "load_nifti",
     "save_nifti",
     "grid_affine",
+    "grid_placement",
     "crop_affine",
     "voxel_to_world",
     "world_to_voxel",
@@ -188,6 +189,44 @@ def grid_affine(
         a[row, axis] = sp[axis]
         a[row, 3] = c[row] - (shape[axis] - 1) / 2.0 * sp[axis]
     return a
+
+
+Triple = tuple[float, float, float]
+
+
+def grid_placement(affine: np.ndarray, shape: Sequence[int]) -> tuple[Triple, Triple]:
+    """Voxel size and world centre of an axis-aligned grid of this frame (the inverse of :func:`grid_affine`).
+
+    This is how a volume is placed in a CT geometry: ``ConeBeamGeometry(vol_shape=shape,
+    vol_spacing=spacing, vol_offset=(cz, cy, cx))`` has ``volume_affine == affine``.
+
+    Args:
+        affine: ``[4, 4]`` voxel-to-world matrix whose linear part is ``[[0, 0, sw], [0, sh, 0], [sd, 0, 0]]``
+            with positive sizes (an augmented crop may be flipped or rotated: bring it back with
+            :func:`to_canonical` first).
+        shape: ``(D, H, W)`` voxels.
+
+    Returns:
+        ``(spacing, centre)``: ``(sd, sh, sw)`` mm and the world ``(x, y, z)`` mm of the grid's centre.
+
+    Raises:
+        ValueError: the affine is oblique, permuted or flipped relative to this frame.
+    """
+    a = _as_affine(affine)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) <= 0:
+        raise ValueError(f"shape must be three positive ints (D, H, W), got {shape}")
+    lin = a[:3, :3]
+    spacing = (float(lin[2, 0]), float(lin[1, 1]), float(lin[0, 2]))
+    expected = np.array([[0, 0, spacing[2]], [0, spacing[1], 0], [spacing[0], 0, 0]])
+    if min(spacing) <= 0 or not np.allclose(lin, expected, rtol=0, atol=1e-9 * max(abs(v) for v in spacing)):
+        raise ValueError(
+            "affine is not an axis-aligned grid of the medgauss frame (axes towards S, A, R); reorient it with "
+            f"medgauss.frame.to_canonical or resample it first; linear part {lin.tolist()}"
+        )
+    centre_index = np.array([(n - 1) / 2.0 for n in shape])
+    centre = lin @ centre_index + a[:3, 3]
+    return spacing, (float(centre[0]), float(centre[1]), float(centre[2]))
 
 
 def crop_affine(affine: np.ndarray, start: Sequence[int]) -> np.ndarray:
