@@ -30,8 +30,10 @@ class GaussianMAEOutput:
     """What :class:`GaussianMAE` returns.
 
     Attributes:
-        gaussians: ``B x N`` Gaussians in normalised volume coordinates, all levels concatenated
-            (level 0 first, then each residual level; ``level_sizes`` gives their lengths).
+        gaussians: ``B x N`` Gaussians in normalised volume coordinates of the input crop (component
+            ``a`` along array axis ``a``: (z, y, x) in the medgauss frame), all levels concatenated
+            (level 0 first, then each residual level; ``level_sizes`` gives their lengths). World mm:
+            ``gaussians_to_world(out.gaussians, crop_shape, affine=crop["affine"])``.
         mask: ``[B, L]`` bool, True = patch hidden from the encoder.
         ids_restore: ``[B, L]`` int64 un-shuffle indices; ``ids_keep``: ``[B, K]`` visible patch indices.
         grid_size, patch_size: patch grid and patch size ``(D, H, W)`` that ``mask`` refers to.
