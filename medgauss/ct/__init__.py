@@ -4,7 +4,7 @@ Volumes are ``[B, 1, D, H, W]`` linear attenuation per mm on a geometry's grid (
 projections are ``[B, V, rows, cols]`` line integrals (see :mod:`medgauss.geometry`).
 """
 
-from medgauss.ct.dataset import CTReconstructionDataset, load_case
+from medgauss.ct.dataset import CTReconstructionDataset, collate_cases, load_case
 from medgauss.ct.fdk import WINDOWS, angular_weights, fdk, filter_projections, ramp_filter
 from medgauss.ct.iterative import asd_pocs, sart, total_variation
 from medgauss.ct.prepare import PrepareConfig, prepare_dataset
@@ -31,4 +31,5 @@ __all__ = [
     "prepare_dataset",
     "CTReconstructionDataset",
     "load_case",
+    "collate_cases",
 ]

@@ -79,7 +79,8 @@ def _iso_scale(geometry: CircularGeometry) -> float:
 
 
 def filter_projections(projections: Tensor, geometry: CircularGeometry, window: str = "ram-lak") -> Tensor:
-    """Cosine-weighted (cone beam) and ramp-filtered projections ``[B, V, rows, cols]``."""
+    """Cosine-weighted (cone beam) and ramp-filtered projections ``[B, V, rows, cols]`` (same shape out;
+    ``B = 0`` gives an empty stack)."""
     rows, cols = geometry.det_shape
     scale = _iso_scale(geometry)
     p = projections
@@ -94,17 +95,32 @@ def filter_projections(projections: Tensor, geometry: CircularGeometry, window: 
         cosine = geometry.dso / torch.sqrt(geometry.dso**2 + a[None, :] ** 2 + b[:, None] ** 2)
         p = p * cosine.to(dtype=p.dtype, device=p.device)
     response = ramp_filter(cols, geometry.det_spacing[1] * scale, window, dtype=p.dtype, device=p.device)
+    if p.shape[0] == 0:  # empty batch: the FFT rejects it, the answer is empty
+        return p.clone()
     spectrum = torch.fft.rfft(p, n=response.numel(), dim=-1)
     filtered = torch.fft.irfft(spectrum * response[: spectrum.shape[-1]], n=response.numel(), dim=-1)
     return filtered[..., :cols]
 
 
-def angular_weights(angles: Tensor) -> Tensor:
+def angular_weights(angles: Tensor, *, name: str = "angles") -> Tensor:
     """``[V]`` float64 quadrature weights of the views: each view's share of the arc, scaled by
-    ``pi / arc`` so a full 360 degree scan gets half its angular spacing (every line measured twice)."""
+    ``pi / arc`` so a full 360 degree scan gets half its angular spacing (every line measured twice).
+
+    Args:
+        angles: ``[V]`` gantry angles in radians.
+        name: how error messages call ``angles`` (e.g. ``"geometry.angles"``).
+
+    Raises:
+        ValueError: several views whose angles are all equal (a zero arc has no quadrature).
+    """
     v = angles.numel()
     if v == 1:
         return torch.full((1,), math.pi, dtype=torch.float64)
+    if float(angles.max() - angles.min()) == 0.0:
+        raise ValueError(
+            f"{name} holds {v} views at the same angle ({float(angles[0]):.6g} rad): a zero arc has no "
+            "angular quadrature, so FDK / FBP cannot weight the views (use distinct angles)"
+        )
     order = torch.argsort(angles)
     sorted_angles = angles[order].double()
     gaps = torch.diff(sorted_angles)
@@ -167,8 +183,16 @@ def fdk(projections: Tensor, geometry: CircularGeometry, *, window: str = "ram-l
             for less noise).
 
     Returns:
-        ``[B, 1, D, H, W]`` attenuation per mm on ``geometry``'s volume grid, in the projections' dtype.
+        ``[B, 1, D, H, W]`` attenuation per mm on ``geometry``'s volume grid, in the projections' dtype
+        (``B = 0`` gives an empty volume).
+
+    Raises:
+        ValueError: malformed ``projections``, an unknown ``window``, or several views that all share
+            one angle (``geometry.angles`` spans no arc).
     """
     projections, geometry = check_projections(projections, geometry)
+    weights = angular_weights(geometry.angles, name="geometry.angles")
     filtered = filter_projections(projections, geometry, window)
-    return _backproject_weighted(filtered, geometry, angular_weights(geometry.angles))
+    if filtered.shape[0] == 0:  # empty batch: an empty volume, still attached to the graph
+        return filtered.reshape(0, 1, *geometry.vol_shape)
+    return _backproject_weighted(filtered, geometry, weights)

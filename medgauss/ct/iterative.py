@@ -22,7 +22,10 @@ __all__ = ["sart", "asd_pocs", "total_variation", "total_variation_gradient"]
 _EPS = 1e-8
 
 
-def _check_inputs(projections: Tensor, geometry: CircularGeometry, initial: Tensor | None) -> None:
+def _check_inputs(
+    projections: Tensor, geometry: CircularGeometry, initial: Tensor | None, num_subsets: int | None
+) -> int:
+    """Validate the shared arguments of :func:`sart` / :func:`asd_pocs`; returns the subset count."""
     projections, geometry = check_projections(projections, geometry)
     if initial is not None:
         want = (projections.shape[0], 1, *geometry.vol_shape)
@@ -30,6 +33,17 @@ def _check_inputs(projections: Tensor, geometry: CircularGeometry, initial: Tens
             raise ValueError(
                 f"initial must have shape {list(want)}, got {tuple(getattr(initial, 'shape', ()))}"
             )
+    v = geometry.num_views
+    subsets = min(v, 10) if num_subsets is None else num_subsets
+    if not 1 <= subsets <= v:
+        raise ValueError(f"num_subsets must lie in [1, {v}] (number of views), got {subsets}")
+    return subsets
+
+
+def _empty_result(projections: Tensor, geometry: CircularGeometry, initial: Tensor | None) -> Tensor:
+    """``[0, 1, D, H, W]`` reconstruction of an empty batch, attached to the inputs' graph."""
+    empty = projections.reshape(0, 1, *geometry.vol_shape)
+    return empty if initial is None else empty + initial.to(empty)
 
 
 class _SartSweeper:
@@ -37,8 +51,6 @@ class _SartSweeper:
 
     def __init__(self, projections: Tensor, geometry: CircularGeometry, num_subsets: int, backend: str):
         v = geometry.num_views
-        if not 1 <= num_subsets <= v:
-            raise ValueError(f"num_subsets must lie in [1, {v}] (number of views), got {num_subsets}")
         # interleaved subsets: consecutive updates use well-separated angles
         self.subsets = [torch.arange(s, v, num_subsets) for s in range(num_subsets)]
         self.backend = backend
@@ -91,12 +103,14 @@ def sart(
         progress: show a tqdm bar.
 
     Returns:
-        ``[B, 1, D, H, W]`` attenuation per mm.
+        ``[B, 1, D, H, W]`` attenuation per mm (``B = 0``: an empty volume).
     """
-    _check_inputs(projections, geometry, initial)
+    subsets = _check_inputs(projections, geometry, initial, num_subsets)
     if not 0 < relaxation < 2:
         raise ValueError(f"relaxation must lie in (0, 2), got {relaxation}")
-    sweeper = _SartSweeper(projections, geometry, num_subsets or min(geometry.num_views, 10), backend)
+    if projections.shape[0] == 0:
+        return _empty_result(projections, geometry, initial)
+    sweeper = _SartSweeper(projections, geometry, subsets, backend)
     x = _initial(projections, geometry, initial)
     for _ in tqdm(range(int(iterations)), desc="SART", disable=not progress, leave=False):
         x = sweeper.sweep(x, relaxation, nonnegative)
@@ -161,9 +175,9 @@ def asd_pocs(
         num_subsets, initial, backend, progress: as in :func:`sart`.
 
     Returns:
-        ``[B, 1, D, H, W]`` attenuation per mm.
+        ``[B, 1, D, H, W]`` attenuation per mm (``B = 0``: an empty volume).
     """
-    _check_inputs(projections, geometry, initial)
+    subsets = _check_inputs(projections, geometry, initial, num_subsets)
     for name, value in (
         ("alpha", alpha),
         ("alpha_reduction", alpha_reduction),
@@ -174,7 +188,9 @@ def asd_pocs(
             raise ValueError(f"{name} must be positive, got {value!r}")
     if not 0 < relaxation < 2:
         raise ValueError(f"relaxation must lie in (0, 2), got {relaxation}")
-    sweeper = _SartSweeper(projections, geometry, num_subsets or min(geometry.num_views, 10), backend)
+    if projections.shape[0] == 0:
+        return _empty_result(projections, geometry, initial)
+    sweeper = _SartSweeper(projections, geometry, subsets, backend)
     x = _initial(projections, geometry, initial)
     dtvg = None
     beta = relaxation

@@ -100,12 +100,20 @@ def simulate_projections(
         backend: projector backend (see :func:`medgauss.ct.forward_project`).
 
     Returns:
-        ``[B, V, rows, cols]`` line integrals of ``mu = mu_water (1 + HU/1000)`` (dimensionless).
+        ``[B, V, rows, cols]`` line integrals of ``mu = mu_water (1 + HU/1000)`` (dimensionless);
+        ``B = 0`` gives an empty stack.
     """
     if not isinstance(volume_hu, Tensor) or not volume_hu.is_floating_point():
         raise ValueError(
             f"volume_hu must be a float tensor in HU, got {getattr(volume_hu, 'dtype', volume_hu)}"
         )
+    if (
+        isinstance(geometry, CircularGeometry)
+        and volume_hu.dtype in (torch.float32, torch.float64)
+        and tuple(volume_hu.shape) == (0, 1, *geometry.vol_shape)
+    ):  # empty batch: empty projections, attached to the graph (other shapes are forward_project's to judge)
+        hu_to_attenuation(volume_hu, mu_water)  # validates mu_water
+        return volume_hu.reshape(0, *geometry.output_shape())
     proj = forward_project(hu_to_attenuation(volume_hu, mu_water), geometry, backend=backend)
     if noise is None:
         return proj

@@ -366,6 +366,7 @@ class ConeBeamGeometry(CircularGeometry):
 
     Raises:
         ValueError: non-positive or non-finite distances, ``dsd <= dso``, the source inside the volume
+            at any view, the detector plane cutting the volume box (or the volume beyond the detector)
             at any view, an empty angle list, or malformed shapes / spacings.
     """
 
@@ -407,8 +408,8 @@ class ConeBeamGeometry(CircularGeometry):
                 f"dsd (source-detector, {self.dsd} mm) must exceed dso (source-isocentre, "
                 f"{self.dso} mm): the detector lies beyond the isocentre"
             )
-        lo = self.volume_corners().min(dim=0).values
-        hi = self.volume_corners().max(dim=0).values
+        corners = self.volume_corners()
+        lo, hi = corners.min(dim=0).values, corners.max(dim=0).values
         src = self.source_positions()
         inside = ((src > lo) & (src < hi)).all(dim=-1)
         if bool(inside.any()):
@@ -418,6 +419,30 @@ class ConeBeamGeometry(CircularGeometry):
                 f"(angle {float(self.angles[view]):.4g} rad, "
                 f"source {src[view].tolist()} mm, volume box {lo.tolist()}..{hi.tolist()} mm): increase dso "
                 "or shrink vol_shape / vol_spacing"
+            )
+        self._check_detector_outside(corners)
+
+    def _check_detector_outside(self, corners: Tensor) -> None:
+        """Reject views whose detector plane cuts the volume box (``corners`` ``[8, 3]`` world mm).
+
+        Exact for the box and cheap: every corner must lie strictly on the source side of the
+        (infinite) detector plane of every view, so no voxel lies on or beyond the detector along any
+        ray. This also rejects a volume lying wholly behind the detector.
+        """
+        vec = self.vectors()
+        src, d00, du, dv = vec[:, 0:3], vec[:, 3:6], vec[:, 6:9], vec[:, 9:12]
+        normal = torch.linalg.cross(du, dv, dim=-1)
+        normal = normal / normal.norm(dim=-1, keepdim=True)
+        normal = normal * torch.sign(((src - d00) * normal).sum(-1, keepdim=True))  # towards the source
+        height = torch.einsum("vk,cvk->vc", normal, corners[:, None, :] - d00[None])  # [V, 8] mm
+        crossing = (height <= 0).any(dim=-1)
+        if bool(crossing.any()):
+            view = int(crossing.nonzero()[0, 0])
+            raise ValueError(
+                f"the detector lies inside the volume at view {view} (angle {float(self.angles[view]):.4g} "
+                f"rad): its plane cuts the volume box {corners.min(0).values.tolist()}.."
+                f"{corners.max(0).values.tolist()} mm, a corner lies {-float(height[view].min()):.4g} mm "
+                "beyond the detector; increase dsd - dso or shrink vol_shape / vol_spacing"
             )
 
     def _detector_center(self, e_s: Tensor) -> Tensor:

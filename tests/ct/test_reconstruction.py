@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from medgauss.ct import angular_weights, asd_pocs, fdk, ramp_filter, sart
+from medgauss.ct import (
+    ProjectionNoise,
+    angular_weights,
+    asd_pocs,
+    fdk,
+    filter_projections,
+    ramp_filter,
+    sart,
+    simulate_projections,
+)
 from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
 from tests.ct.phantoms import analytic_projection, voxelise
 
@@ -110,3 +119,46 @@ def test_angular_weights():
     half = angular_weights(torch.arange(6) * math.pi / 6)
     torch.testing.assert_close(half, torch.full((6,), math.pi / 6, dtype=torch.float64))
     assert abs(float(angular_weights(torch.tensor([2.0, 0.1, 1.0, 3.0])).sum()) - math.pi) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["cone", "parallel"])
+def test_fdk_refuses_views_that_span_no_arc(kind):
+    geo = make_geometry(kind, 3, vol_shape=(4, 12, 12), det_shape=(6, 20)).replace(angles=[0.7, 0.7, 0.7])
+    with pytest.raises(ValueError, match=r"geometry\.angles holds 3 views at the same angle"):
+        fdk(torch.ones(1, 3, 6, 20), geo)
+    with pytest.raises(ValueError, match="angles holds 2 views"):
+        angular_weights(torch.tensor([1.5, 1.5], dtype=torch.float64))
+    # one view, or a repeated angle inside a real arc, still has a quadrature (shares sum to pi)
+    assert angular_weights(torch.tensor([0.3])).tolist() == [math.pi]
+    weights = angular_weights(torch.tensor([0.0, 0.0, 1.0, 2.0], dtype=torch.float64))
+    assert bool(torch.isfinite(weights).all()) and abs(float(weights.sum()) - math.pi) < 1e-12
+
+
+@pytest.mark.parametrize("kind", ["cone", "parallel"])
+def test_empty_batch_gives_empty_reconstructions_with_gradients(kind):
+    geo = make_geometry(kind, 4, vol_shape=(4, 12, 12), det_shape=(6, 20))
+    for dtype in (torch.float32, torch.float64):
+        proj = torch.zeros(0, *geo.output_shape(), dtype=dtype, requires_grad=True)
+        outputs = {
+            "filter_projections": filter_projections(proj, geo),
+            "fdk": fdk(proj, geo),
+            "sart": sart(proj, geo, iterations=2, progress=False),
+            "sart_initial": sart(proj, geo, iterations=2, initial=torch.zeros(0, 1, 4, 12, 12), progress=False),
+            "asd_pocs": asd_pocs(proj, geo, iterations=2, progress=False),
+        }
+        for name, out in outputs.items():
+            want = proj.shape if name == "filter_projections" else (0, 1, 4, 12, 12)
+            assert out.shape == want and out.dtype == dtype, name
+            (grad,) = torch.autograd.grad(out.sum(), proj)
+            assert grad.shape == proj.shape, name
+        hu = torch.zeros(0, 1, 4, 12, 12, dtype=dtype, requires_grad=True)
+        sim = simulate_projections(hu, geo, noise=ProjectionNoise(photons=1e3))
+        assert sim.shape == (0, *geo.output_shape()) and sim.dtype == dtype
+        assert torch.autograd.grad(sim.sum(), hu)[0].shape == hu.shape
+    # the other arguments are still checked on an empty batch
+    with pytest.raises(ValueError, match="window"):
+        fdk(torch.zeros(0, *geo.output_shape()), geo, window="blackman")
+    with pytest.raises(ValueError, match="num_subsets"):
+        sart(torch.zeros(0, *geo.output_shape()), geo, num_subsets=9, progress=False)
+    with pytest.raises(ValueError, match=r"projections must have shape"):
+        fdk(torch.zeros(0, 4, 6, 19), geo)

@@ -136,7 +136,8 @@ def test_from_json_rejects_wrong_class_and_garbage():
         (dict(dso=0.0), "dso"),
         (dict(dsd=-5.0), "dsd"),
         (dict(dsd=400.0), "exceed"),
-        (dict(dso=5.0, dsd=800.0), "inside the volume"),
+        (dict(dso=5.0, dsd=800.0), "source lies inside the volume"),
+        (dict(dso=500.0, dsd=501.0), "detector lies inside the volume"),
         (dict(angles=[]), "empty"),
         (dict(det_shape=(0, 4)), "det_shape"),
         (dict(vol_spacing=(1.0, -1.0, 1.0)), "vol_spacing"),
@@ -193,3 +194,34 @@ def test_pose_validation():
         cone(poses=bad)
     with pytest.raises(ValueError, match=r"poses must have shape \[V=4, 4, 4\]"):
         cone(poses=torch.eye(4).expand(3, 4, 4))
+
+
+# Volume box of COMMON, written out from its fields: x = 3 +- 9/2 * 1.5, y = -2 +- 7/2 * 2, z = 1 +- 5/2 * 1.
+BOX_LO, BOX_HI = (-3.75, -9.0, -1.5), (9.75, 5.0, 3.5)
+
+
+@pytest.mark.parametrize(
+    "angle, limit",
+    [
+        (0.0, -BOX_LO[0]),  # detector plane x = -(dsd - dso)
+        (math.pi / 2, -BOX_LO[1]),  # detector plane y = -(dsd - dso)
+        (math.pi, BOX_HI[0]),  # detector plane x = +(dsd - dso)
+    ],
+)
+def test_detector_plane_may_not_cut_the_volume(angle, limit):
+    # the detector plane sits dsd - dso from the isocentre; it must stay beyond the box face it faces
+    cone(angles=[angle], dsd=500.0 + limit + 0.01)
+    with pytest.raises(ValueError, match=r"detector lies inside the volume at view 0 \(angle"):
+        cone(angles=[angle], dsd=500.0 + limit - 0.01)
+
+
+@pytest.mark.parametrize("shift", [300.0, 900.0])  # detector centre inside the box; box behind the detector
+def test_posed_detector_inside_or_before_the_volume_is_rejected(shift):
+    # view 2 (angle 0: source at x = 500, detector plane x = -300) is moved by `shift` along world x, so
+    # its source stays outside the box (x in [-3.75, 9.75]) while its detector plane passes the box
+    angles = [0.7, 0.7, 0.0, 0.7]
+    poses = torch.eye(4, dtype=torch.float64).repeat(4, 1, 1)
+    cone(poses=poses, angles=angles)
+    poses[2, 0, 3] = shift
+    with pytest.raises(ValueError, match="detector lies inside the volume at view 2"):
+        cone(poses=poses, angles=angles)
