@@ -3,7 +3,10 @@
 Conventions (the geometry contract, shared with ``medgauss.render.project``):
 
 - World frame: millimetres, axes (x, y, z), isocentre at the origin, gantry rotation axis = world z.
-- Volume ``[D, H, W]``: array axis 0 (D) runs along world z, axis 1 (H) along y, axis 2 (W) along x.
+- Volume ``[D, H, W]``: array axis 0 (D) runs along world z, axis 1 (H) along y, axis 2 (W) along x: the
+  library's one volume frame (:mod:`medgauss.frame`), so ``volume_affine`` is a volume's NIfTI-style affine
+  and :func:`medgauss.frame.grid_placement` turns any canonical volume affine into ``vol_spacing`` /
+  ``vol_offset``.
   ``vol_shape``, ``vol_spacing`` and ``vol_offset`` are in (D, H, W) order; voxel ``(d, h, w)`` has its
   centre at ``x = (w - (W-1)/2) sw + off_w``, ``y = (h - (H-1)/2) sh + off_h``,
   ``z = (d - (D-1)/2) sd + off_d``.
