@@ -5,6 +5,11 @@ Typical use::
     from medgauss.data import build_pretrain_dataset, example_ct_datalist
     dataset = build_pretrain_dataset(example_ct_datalist(), spatial_size=96)
     sample = dataset[0]["image"]          # [1, 96, 96, 96] float32 in [0, 1]
+
+At scale (thousands of volumes, many ranks) give an on-disk cache: each rank then preprocesses and
+reads only its shard, memory-mapped, once::
+
+    dataset = build_pretrain_dataset(datalist, cache_dir="/scratch/medgauss_cache")  # rank from torch.distributed
 """
 
 from medgauss.data.datalist import (
@@ -15,24 +20,25 @@ from medgauss.data.datalist import (
     nifti_folder_datalist,
     shard_datalist,
 )
-from medgauss.data.dataset import (
-    CachedVolumeDataset,
-    PretrainCropDataset,
-    ShardedSampleSampler,
-    build_pretrain_dataset,
-)
+from medgauss.data.dataset import CACHE_MODES, CachedVolumeDataset, PretrainCropDataset, build_pretrain_dataset
 from medgauss.data.phantom import PHANTOM_HU, PHANTOM_LABELS, make_ct_phantom, write_phantom_dataset
+from medgauss.data.sampling import SampleSchedule, ShardedSampleSampler, distributed_rank
 from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
+from medgauss.data.volume_cache import CACHE_FORMAT
 
 __all__ = [
+    "CACHE_FORMAT",
+    "CACHE_MODES",
     "NIFTI_SUFFIXES",
     "PHANTOM_HU",
     "PHANTOM_LABELS",
     "CachedVolumeDataset",
     "DataError",
     "PretrainCropDataset",
+    "SampleSchedule",
     "ShardedSampleSampler",
     "build_pretrain_dataset",
+    "distributed_rank",
     "example_ct_datalist",
     "example_ct_path",
     "load_decathlon_datalist",

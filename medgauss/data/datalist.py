@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -23,6 +24,7 @@ __all__ = [
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+T = TypeVar("T")
 
 
 def _is_nifti(path: Path) -> bool:
@@ -152,11 +154,20 @@ def example_ct_datalist(*, use_labels: bool = True) -> list[dict[str, str]]:
     return [entry]
 
 
-def shard_datalist(datalist: Sequence[dict[str, str]], rank: int, world_size: int) -> list[dict[str, str]]:
+def shard_datalist(datalist: Sequence[T], rank: int, world_size: int) -> list[T]:
     """Entries ``rank, rank + world_size, ...``: disjoint per-rank subsets covering the list.
 
-    Use it for evaluation / caching splits; training draws per-rank samples with
-    :class:`medgauss.data.ShardedSampleSampler` instead (so one volume can serve several ranks).
+    The one rule for splitting volumes over ranks: pretraining gives rank ``r`` the volumes
+    ``shard_datalist(range(q * world_size), r, world_size)`` (``q = len // world_size``) plus the last
+    ``len mod world_size`` volumes, shared (see :class:`medgauss.data.SampleSchedule`); evaluation or
+    cache-filling jobs can split a datalist with it directly.
+
+    Args:
+        datalist: any sequence (datalist entries, volume indices).
+        rank, world_size: this process and the number of processes.
+
+    Returns:
+        ``list(datalist[rank::world_size])``.
 
     Raises:
         ValueError: ``world_size < 1``, ``rank`` outside ``[0, world_size)``, or fewer entries than ranks.
