@@ -1,7 +1,10 @@
 """Tile-based Triton kernels for volumetric Gaussian splatting, forward and backward.
 
-Evaluates ``value(x) = sum_i I_i exp(-0.5 q_i(x))`` with ``q_i = r^T P_i r``, ``r = x - mu_i`` and the
-packed precision ``P = (P00, P11, P22, P01, P02, P12)``, counting only terms with ``q < cutoff^2``
+Evaluates ``value(x) = sum_i I_i exp(-0.5 q_i(x))`` with ``q_i = r^T P_i r = |L_i r|^2``, ``r = x - mu_i``
+and the packed lower-triangular precision factor ``L = (L00, L11, L22, L10, L20, L21)`` (``P = L^T L``):
+a sum of squares, never negative, and accurate in float32 for very anisotropic Gaussians, whose
+``P`` has entries many orders of magnitude apart (a rounded ``P`` is not even positive definite),
+counting only terms with ``q < cutoff^2``
 (strictly; ``cutoff=None`` counts all), at every voxel centre ``((d + 0.5) / D, (h + 0.5) / H,
 (w + 0.5) / W)`` of a ``(D, H, W)`` volume or at given normalised points.
 
@@ -17,8 +20,10 @@ Work decomposition (see :mod:`triton_kernels.binning`):
   points; one program per work item walks that tile's Gaussian range; results are scattered back to
   the caller's point order;
 * backward: the same programs reduce each Gaussian's contributions over the block (``tl.sum``) to
-  10 numbers (3 mean, 6 precision, 1 intensity) and add them with relaxed atomics into
-  per-Gaussian gradient buffers, skipping Gaussians that touch none of the block's points.
+  10 numbers (3 mean, 6 factor, 1 intensity) and add them with relaxed atomics into
+  per-Gaussian gradient buffers, skipping Gaussians that touch none of the block's points. The
+  gradient is taken with respect to ``L`` itself (``dq/dL_ij = 2 (L r)_i r_j``): going through ``P``
+  would lose the thin axis of a very anisotropic Gaussian to cancellation in float32.
 
 This module imports only torch and triton.
 """
@@ -96,9 +101,10 @@ def _gaussian_range(tile_key, num_tiles, N, tile_start_ptr, USE_LIST: tl.constex
 
 
 @triton.jit
-def _load_gaussians(j0, end, base, gauss_ids_ptr, means_ptr, prec_ptr, inten_ptr,
+def _load_gaussians(j0, end, base, gauss_ids_ptr, means_ptr, fac_ptr, inten_ptr,
                     BLOCK_G: tl.constexpr, USE_LIST: tl.constexpr):
-    """Flat ids ``[BLOCK_G]``, their mask and the 10 parameters of Gaussians ``j0 .. j0+BLOCK_G``."""
+    """Flat ids ``[BLOCK_G]``, their mask and the 10 parameters (mean, factor, intensity) of Gaussians
+    ``j0 .. j0+BLOCK_G``."""
     jj = j0 + tl.arange(0, BLOCK_G)
     gmask = jj < end
     if USE_LIST:
@@ -108,34 +114,36 @@ def _load_gaussians(j0, end, base, gauss_ids_ptr, means_ptr, prec_ptr, inten_ptr
     m0 = tl.load(means_ptr + gid * 3 + 0, mask=gmask, other=0.0)
     m1 = tl.load(means_ptr + gid * 3 + 1, mask=gmask, other=0.0)
     m2 = tl.load(means_ptr + gid * 3 + 2, mask=gmask, other=0.0)
-    p00 = tl.load(prec_ptr + gid * 6 + 0, mask=gmask, other=0.0)
-    p11 = tl.load(prec_ptr + gid * 6 + 1, mask=gmask, other=0.0)
-    p22 = tl.load(prec_ptr + gid * 6 + 2, mask=gmask, other=0.0)
-    p01 = tl.load(prec_ptr + gid * 6 + 3, mask=gmask, other=0.0)
-    p02 = tl.load(prec_ptr + gid * 6 + 4, mask=gmask, other=0.0)
-    p12 = tl.load(prec_ptr + gid * 6 + 5, mask=gmask, other=0.0)
+    l00 = tl.load(fac_ptr + gid * 6 + 0, mask=gmask, other=0.0)
+    l11 = tl.load(fac_ptr + gid * 6 + 1, mask=gmask, other=0.0)
+    l22 = tl.load(fac_ptr + gid * 6 + 2, mask=gmask, other=0.0)
+    l10 = tl.load(fac_ptr + gid * 6 + 3, mask=gmask, other=0.0)
+    l20 = tl.load(fac_ptr + gid * 6 + 4, mask=gmask, other=0.0)
+    l21 = tl.load(fac_ptr + gid * 6 + 5, mask=gmask, other=0.0)
     inten = tl.load(inten_ptr + gid, mask=gmask, other=0.0)  # 0 for padding lanes: they add nothing
-    return gid, gmask, m0, m1, m2, p00, p11, p22, p01, p02, p12, inten
+    return gid, gmask, m0, m1, m2, l00, l11, l22, l10, l20, l21, inten
 
 
 @triton.jit
-def _offsets_and_weights(x0, x1, x2, m0, m1, m2, p00, p11, p22, p01, p02, p12, cutoff_sq,
+def _offsets_and_weights(x0, x1, x2, m0, m1, m2, l00, l11, l22, l10, l20, l21, cutoff_sq,
                          HAS_CUTOFF: tl.constexpr):
-    """Offsets ``r`` and ``exp(-0.5 q)`` (0 outside the cutoff) on the ``[BLOCK_V, BLOCK_G]`` block."""
+    """Offsets ``r``, ``y = L r`` and ``exp(-0.5 q)`` (0 outside the cutoff) on the ``[BLOCK_V, BLOCK_G]`` block."""
     r0 = x0[:, None] - m0[None, :]
     r1 = x1[:, None] - m1[None, :]
     r2 = x2[:, None] - m2[None, :]
-    q = (p00[None, :] * r0 * r0 + p11[None, :] * r1 * r1 + p22[None, :] * r2 * r2
-         + 2.0 * (p01[None, :] * r0 * r1 + p02[None, :] * r0 * r2 + p12[None, :] * r1 * r2))
+    y0 = l00[None, :] * r0
+    y1 = l10[None, :] * r0 + l11[None, :] * r1
+    y2 = l20[None, :] * r0 + l21[None, :] * r1 + l22[None, :] * r2
+    q = y0 * y0 + y1 * y1 + y2 * y2
     e = tl.exp(-0.5 * q)
     if HAS_CUTOFF:
         e = tl.where(q < cutoff_sq, e, 0.0)
-    return r0, r1, r2, e
+    return r0, r1, r2, y0, y1, y2, e
 
 
 # ------------------------------------------------------------------------------------------ kernels
 @triton.jit
-def _splat_fwd_kernel(out_ptr, means_ptr, prec_ptr, inten_ptr, cutoff_sq_ptr,
+def _splat_fwd_kernel(out_ptr, means_ptr, fac_ptr, inten_ptr, cutoff_sq_ptr,
                       tile_start_ptr, gauss_ids_ptr,
                       points_ptr, item_tile_ptr, item_start_ptr, item_count_ptr,
                       N, D, H, W, tiles_h, tiles_w, num_tiles, v_total,
@@ -150,17 +158,17 @@ def _splat_fwd_kernel(out_ptr, means_ptr, prec_ptr, inten_ptr, cutoff_sq_ptr,
     cutoff_sq = tl.load(cutoff_sq_ptr)
     acc = tl.zeros_like(x0)
     for j0 in range(start, end, BLOCK_G):
-        gid, gmask, m0, m1, m2, p00, p11, p22, p01, p02, p12, inten = _load_gaussians(
-            j0, end, base, gauss_ids_ptr, means_ptr, prec_ptr, inten_ptr, BLOCK_G, USE_LIST)
-        r0, r1, r2, e = _offsets_and_weights(x0, x1, x2, m0, m1, m2, p00, p11, p22, p01, p02, p12,
-                                             cutoff_sq, HAS_CUTOFF)
+        gid, gmask, m0, m1, m2, l00, l11, l22, l10, l20, l21, inten = _load_gaussians(
+            j0, end, base, gauss_ids_ptr, means_ptr, fac_ptr, inten_ptr, BLOCK_G, USE_LIST)
+        _, _, _, _, _, _, e = _offsets_and_weights(x0, x1, x2, m0, m1, m2, l00, l11, l22, l10, l20, l21,
+                                                   cutoff_sq, HAS_CUTOFF)
         acc += tl.sum(e * inten[None, :], axis=1)
     tl.store(out_ptr + offs, acc, mask=valid)
 
 
 @triton.jit
-def _splat_bwd_kernel(grad_out_ptr, grad_means_ptr, grad_prec_ptr, grad_inten_ptr,
-                      means_ptr, prec_ptr, inten_ptr, cutoff_sq_ptr,
+def _splat_bwd_kernel(grad_out_ptr, grad_means_ptr, grad_fac_ptr, grad_inten_ptr,
+                      means_ptr, fac_ptr, inten_ptr, cutoff_sq_ptr,
                       tile_start_ptr, gauss_ids_ptr,
                       points_ptr, item_tile_ptr, item_start_ptr, item_count_ptr,
                       N, D, H, W, tiles_h, tiles_w, num_tiles, v_total,
@@ -175,32 +183,32 @@ def _splat_bwd_kernel(grad_out_ptr, grad_means_ptr, grad_prec_ptr, grad_inten_pt
     cutoff_sq = tl.load(cutoff_sq_ptr)
     go = tl.load(grad_out_ptr + offs, mask=valid, other=0.0)
     for j0 in range(start, end, BLOCK_G):
-        gid, gmask, m0, m1, m2, p00, p11, p22, p01, p02, p12, inten = _load_gaussians(
-            j0, end, base, gauss_ids_ptr, means_ptr, prec_ptr, inten_ptr, BLOCK_G, USE_LIST)
-        r0, r1, r2, e = _offsets_and_weights(x0, x1, x2, m0, m1, m2, p00, p11, p22, p01, p02, p12,
-                                             cutoff_sq, HAS_CUTOFF)
+        gid, gmask, m0, m1, m2, l00, l11, l22, l10, l20, l21, inten = _load_gaussians(
+            j0, end, base, gauss_ids_ptr, means_ptr, fac_ptr, inten_ptr, BLOCK_G, USE_LIST)
+        r0, r1, r2, y0, y1, y2, e = _offsets_and_weights(x0, x1, x2, m0, m1, m2, l00, l11, l22, l10, l20, l21,
+                                                         cutoff_sq, HAS_CUTOFF)
         e = tl.where(valid[:, None], e, 0.0)
         # Only Gaussians reaching a point of this block send atomics.
         hit = gmask & (tl.max(e, axis=0) > 0.0)
         ge = go[:, None] * e  # d value / d I_i, times the upstream gradient
         w = ge * inten[None, :]  # upstream gradient times the term; dL/dq = -0.5 w
-        w0 = w * r0
-        w1 = w * r1
-        w2 = w * r2
-        s0 = tl.sum(w0, axis=0)
-        s1 = tl.sum(w1, axis=0)
-        s2 = tl.sum(w2, axis=0)
-        # dq/dmu = -2 P r  =>  dL/dmu = P (sum_v w r)
-        tl.atomic_add(grad_means_ptr + gid * 3 + 0, p00 * s0 + p01 * s1 + p02 * s2, mask=hit, sem="relaxed")
-        tl.atomic_add(grad_means_ptr + gid * 3 + 1, p01 * s0 + p11 * s1 + p12 * s2, mask=hit, sem="relaxed")
-        tl.atomic_add(grad_means_ptr + gid * 3 + 2, p02 * s0 + p12 * s1 + p22 * s2, mask=hit, sem="relaxed")
-        # dq/dPaa = r_a^2 and dq/dPab = 2 r_a r_b (a < b)
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 0, -0.5 * tl.sum(w0 * r0, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 1, -0.5 * tl.sum(w1 * r1, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 2, -0.5 * tl.sum(w2 * r2, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 3, -tl.sum(w0 * r1, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 4, -tl.sum(w0 * r2, axis=0), mask=hit, sem="relaxed")
-        tl.atomic_add(grad_prec_ptr + gid * 6 + 5, -tl.sum(w1 * r2, axis=0), mask=hit, sem="relaxed")
+        wy0 = w * y0
+        wy1 = w * y1
+        wy2 = w * y2
+        s0 = tl.sum(wy0, axis=0)
+        s1 = tl.sum(wy1, axis=0)
+        s2 = tl.sum(wy2, axis=0)
+        # dq/dmu = -2 L^T y  =>  dL/dmu = L^T (sum_v w y)
+        tl.atomic_add(grad_means_ptr + gid * 3 + 0, l00 * s0 + l10 * s1 + l20 * s2, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_means_ptr + gid * 3 + 1, l11 * s1 + l21 * s2, mask=hit, sem="relaxed")
+        tl.atomic_add(grad_means_ptr + gid * 3 + 2, l22 * s2, mask=hit, sem="relaxed")
+        # dq/dL_ij = 2 y_i r_j  =>  dL/dL_ij = -sum_v w y_i r_j (packed L00, L11, L22, L10, L20, L21)
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 0, -tl.sum(wy0 * r0, axis=0), mask=hit, sem="relaxed")
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 1, -tl.sum(wy1 * r1, axis=0), mask=hit, sem="relaxed")
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 2, -tl.sum(wy2 * r2, axis=0), mask=hit, sem="relaxed")
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 3, -tl.sum(wy1 * r0, axis=0), mask=hit, sem="relaxed")
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 4, -tl.sum(wy2 * r0, axis=0), mask=hit, sem="relaxed")
+        tl.atomic_add(grad_fac_ptr + gid * 6 + 5, -tl.sum(wy2 * r1, axis=0), mask=hit, sem="relaxed")
         tl.atomic_add(grad_inten_ptr + gid, tl.sum(ge, axis=0), mask=hit, sem="relaxed")
 
 
@@ -274,60 +282,61 @@ def _points_per_program(tile: Sequence[int]) -> int:
     return int(tile[0]) * int(tile[1]) * int(tile[2])
 
 
-def _forward(plan: _Plan, means: Tensor, prec: Tensor, inten: Tensor) -> Tensor:
+def _forward(plan: _Plan, means: Tensor, fac: Tensor, inten: Tensor) -> Tensor:
     """Values ``[B, num_points]`` in the caller's point order."""
     out = torch.empty(plan.batch * plan.num_points, dtype=means.dtype, device=means.device)
     if plan.num_programs > 0:
-        _splat_fwd_kernel[(plan.num_programs,)](out, means, prec, inten, plan.cutoff_sq, *plan.kernel_args(),
+        _splat_fwd_kernel[(plan.num_programs,)](out, means, fac, inten, plan.cutoff_sq, *plan.kernel_args(),
                                                 **plan.constexprs(backward=False))
     if plan.points_mode:
         out = torch.empty_like(out).index_put_((plan.order,), out)  # sorted order -> caller's order
     return out.reshape(plan.batch, plan.num_points)
 
 
-def _backward(plan: _Plan, means: Tensor, prec: Tensor, inten: Tensor,
+def _backward(plan: _Plan, means: Tensor, fac: Tensor, inten: Tensor,
               grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. means, the packed factor and intensities."""
     go = grad_out.reshape(-1).to(means.dtype)
     go = go[plan.order] if plan.points_mode else go.contiguous()
     grad_means = torch.zeros_like(means)
-    grad_prec = torch.zeros_like(prec)
+    grad_fac = torch.zeros_like(fac)
     grad_inten = torch.zeros_like(inten)
     if plan.num_programs > 0:
-        _splat_bwd_kernel[(plan.num_programs,)](go, grad_means, grad_prec, grad_inten, means, prec, inten,
+        _splat_bwd_kernel[(plan.num_programs,)](go, grad_means, grad_fac, grad_inten, means, fac, inten,
                                                 plan.cutoff_sq, *plan.kernel_args(),
                                                 **plan.constexprs(backward=True))
-    return grad_means, grad_prec, grad_inten
+    return grad_means, grad_fac, grad_inten
 
 
 class _SplatTiles(torch.autograd.Function):
-    """``(means, prec6, intensities) -> values``; gradients for all three from the backward kernel."""
+    """``(means, factor, intensities) -> values``; gradients for all three from the backward kernel."""
 
     @staticmethod
-    def forward(ctx, means: Tensor, prec: Tensor, inten: Tensor, plan: _Plan) -> Tensor:
-        ctx.save_for_backward(means, prec, inten)
+    def forward(ctx, means: Tensor, fac: Tensor, inten: Tensor, plan: _Plan) -> Tensor:
+        ctx.save_for_backward(means, fac, inten)
         ctx.plan = plan
-        return _forward(plan, means, prec, inten)
+        return _forward(plan, means, fac, inten)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out: Tensor):
-        means, prec, inten = ctx.saved_tensors
-        grad_means, grad_prec, grad_inten = _backward(ctx.plan, means, prec, inten, grad_out)
-        return grad_means, grad_prec, grad_inten, None
+        means, fac, inten = ctx.saved_tensors
+        grad_means, grad_fac, grad_inten = _backward(ctx.plan, means, fac, inten, grad_out)
+        return grad_means, grad_fac, grad_inten, None
 
 
 # --------------------------------------------------------------------------------------- public API
-def _check_inputs(means: Tensor, prec: Tensor, inten: Tensor, half_extents: Tensor,
+def _check_inputs(means: Tensor, factor: Tensor, inten: Tensor, half_extents: Tensor,
                   shape: Sequence[int], points: Tensor | None, cutoff: float | None,
                   tile: Sequence[int], block_g: int) -> None:
     """Shape / dtype / device checks (no value checks: those would synchronise the GPU)."""
-    for name, t in (("means", means), ("prec", prec), ("intensities", inten), ("half_extents", half_extents)):
+    for name, t in (("means", means), ("factor", factor), ("intensities", inten), ("half_extents", half_extents)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if means.ndim != 3 or means.shape[2] != 3:
         raise ValueError(f"means must have shape [B, N, 3], got {tuple(means.shape)}")
     b, n = means.shape[:2]
-    expected = {"prec": (prec, (b, n, 6)), "intensities": (inten, (b, n)),
+    expected = {"factor": (factor, (b, n, 6)), "intensities": (inten, (b, n)),
                 "half_extents": (half_extents, (b, n, 3))}
     for name, (t, shp) in expected.items():
         if tuple(t.shape) != shp:
@@ -336,7 +345,7 @@ def _check_inputs(means: Tensor, prec: Tensor, inten: Tensor, half_extents: Tens
         raise ValueError(f"B*N = {b * n} Gaussians exceed the kernels' int32 indexing")
     if means.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"means must be float32 or float64, got {means.dtype}")
-    others = {"prec": prec, "intensities": inten, "half_extents": half_extents}
+    others = {"factor": factor, "intensities": inten, "half_extents": half_extents}
     if points is not None:
         others["points"] = points
     for name, t in others.items():
@@ -359,14 +368,15 @@ def _check_inputs(means: Tensor, prec: Tensor, inten: Tensor, half_extents: Tens
         raise ValueError(f"block_g must be a power of two, got {block_g}")
 
 
-def splat_tiles(means: Tensor, prec: Tensor, intensities: Tensor, half_extents: Tensor,
+def splat_tiles(means: Tensor, factor: Tensor, intensities: Tensor, half_extents: Tensor,
                 shape: Sequence[int], *, points: Tensor | None = None, cutoff: float | None = 3.0,
                 tile: Sequence[int] = DEFAULT_TILE, block_g: int = DEFAULT_BLOCK_G) -> Tensor:
     """Differentiable tile-based splat of Gaussians given as plain tensors.
 
     Args:
         means: ``[B, N, 3]`` centres in normalised coordinates (axis order D, H, W), float32/float64.
-        prec: ``[B, N, 6]`` packed precision ``(P00, P11, P22, P01, P02, P12)``, normalised units^-2.
+        factor: ``[B, N, 6]`` packed lower-triangular precision factor ``(L00, L11, L22, L10, L20, L21)``,
+            ``P = L^T L`` (normalised units^-1).
         intensities: ``[B, N]`` peak values.
         half_extents: ``[B, N, 3]`` half-size of each Gaussian's axis-aligned cut-off box,
             ``cutoff * sqrt(Sigma_aa)`` in normalised units (``inf`` allowed; unused when ``cutoff`` is None).
@@ -379,16 +389,16 @@ def splat_tiles(means: Tensor, prec: Tensor, intensities: Tensor, half_extents: 
 
     Returns:
         ``[B, D*H*W]`` (C order) without ``points``, ``[B, M]`` with; differentiable w.r.t. ``means``,
-        ``prec`` and ``intensities``.
+        ``factor`` and ``intensities``.
     """
     shape = tuple(int(s) for s in shape)
     tile = tuple(int(t) for t in tile)
-    _check_inputs(means, prec, intensities, half_extents, shape, points, cutoff, tile, block_g)
+    _check_inputs(means, factor, intensities, half_extents, shape, points, cutoff, tile, block_g)
     b, n = means.shape[:2]
     m = shape[0] * shape[1] * shape[2] if points is None else points.shape[1]
-    if n == 0 or m == 0:
+    if b == 0 or n == 0 or m == 0:
         # Nothing to evaluate; stay connected to the graph like the torch reference.
         return intensities.sum(-1, keepdim=True).expand(b, m) * 0
     plan = _make_plan(means, half_extents, shape, None if points is None else points.detach(), cutoff,
                       tile, block_g)
-    return _SplatTiles.apply(means.contiguous(), prec.contiguous(), intensities.contiguous(), plan)
+    return _SplatTiles.apply(means.contiguous(), factor.contiguous(), intensities.contiguous(), plan)

@@ -1,10 +1,15 @@
 """Numba CPU backend of the voxel projectors (Joseph's method, see :mod:`medgauss.ct._joseph`).
 
-- Forward: parallel over (batch, view, detector row); each thread owns its output pixels.
-- Adjoint (back projection): parallel over z-slabs of the volume; each thread walks every ray but
-  only the part of it whose bilinear footprint touches its slab, and writes only voxels of its slab,
+- Forward: parallel over (batch, view, detector row); each item owns its output pixels.
+- Adjoint (back projection): parallel over z-slabs of the volume; each slab walks every ray but
+  only the part of it whose bilinear footprint touches the slab, and writes only voxels of the slab,
   so there are no write races and no per-thread volume copies. The adjoint uses the same ray setup
   and the same weights as the forward pass, so ``<A x, y> = <x, A^T y>`` holds to rounding.
+
+The kernels are serial ``nogil`` functions over an interleaved share ``range(task, total, num_tasks)``
+of their items, run on the thread pool of :mod:`medgauss._parallel` (the library's one threading and
+fork policy: no ``parallel=True``, so they run the same before and after a fork, e.g. in DataLoader
+workers). Results do not depend on the number of threads.
 
 Both are wrapped in ``torch.autograd.Function`` s whose backward is the other one, so this backend is
 differentiable too.
@@ -13,15 +18,13 @@ differentiable too.
 from __future__ import annotations
 
 import math
-import os
-import types
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
+from numba import njit
 from torch import Tensor
 
+from medgauss._parallel import num_tasks, run_tasks
 from medgauss.ct._joseph import kernel_arguments
 from medgauss.geometry import CircularGeometry
 
@@ -30,7 +33,10 @@ __all__ = ["forward_project", "back_project"]
 _EPS = 1e-12
 
 
-@njit(cache=True)
+_JIT = {"cache": True, "nogil": True}
+
+
+@njit(**_JIT)
 def _ray_setup(vec, v, r, c, is_cone, org, sp, n0, n1, n2):
     """Index-space ray of pixel (r, c) of view v, clipped to the interpolation support.
 
@@ -87,7 +93,7 @@ def _ray_setup(vec, v, r, c, is_cone, org, sp, n0, n1, n2):
     return k0, k1, a, b, cc, o[a], d[a], o[b], d[b], o[cc], d[cc], weight
 
 
-@njit(cache=True)
+@njit(**_JIT)
 def _interior_range(k0, k1, oa, da, o, d, lo, hi, margin):
     """Planes ``k`` in ``[k0, k1]`` where ``p = o + (k - oa) d / da`` lies in ``[lo + margin, hi - 1 - margin]``,
     i.e. where both bilinear neighbours ``floor(p)`` and ``floor(p) + 1`` lie in ``[lo, hi)`` (no bounds
@@ -109,7 +115,7 @@ def _interior_range(k0, k1, oa, da, o, d, lo, hi, margin):
     return first, last
 
 
-@njit(cache=True)
+@njit(**_JIT)
 def _sample_checked(vol, bi, base, ib, ic, fb, fc, nbsz, ncsz, sb, sc):
     acc = 0.0
     if ib >= 0 and ib < nbsz:
@@ -125,9 +131,10 @@ def _sample_checked(vol, bi, base, ib, ic, fb, fc, nbsz, ncsz, sb, sc):
     return acc
 
 
-@njit(parallel=True, cache=True)
-def _forward_kernel(vol, vec, is_cone, org, sp, shape, out):
-    """vol ``[B, D*H*W]``, out ``[B, V, rows, cols]`` (written).
+@njit(**_JIT)
+def _forward_kernel(vol, vec, is_cone, org, sp, shape, out, task, total, num_tasks):
+    """vol ``[B, D*H*W]``, out ``[B, V, rows, cols]`` (written) for the (batch, view, row) items
+    ``range(task, total, num_tasks)``, ``total = B * V * rows``.
 
     Each ray's planes are split into an interior run (all four bilinear neighbours inside the volume,
     no bounds checks) and the checked runs before and after it; the arithmetic is the same in both.
@@ -135,7 +142,7 @@ def _forward_kernel(vol, vec, is_cone, org, sp, shape, out):
     nb, nv, rows, cols = out.shape
     n0, n1, n2 = shape[0], shape[1], shape[2]
     strides = (n1 * n2, n2, 1)
-    for job in prange(nb * nv * rows):
+    for job in range(task, total, num_tasks):
         bi = job // (nv * rows)
         v = (job // rows) % nv
         r = job % rows
@@ -179,13 +186,14 @@ def _forward_kernel(vol, vec, is_cone, org, sp, shape, out):
             out[bi, v, r, c] = acc * weight
 
 
-@njit(parallel=True, cache=True)
-def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, num_slabs, out):
-    """proj ``[B, V, rows, cols]``, out ``[B, D*H*W]`` (zeroed by the caller, accumulated)."""
+@njit(**_JIT)
+def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, out, task, num_slabs, num_tasks):
+    """proj ``[B, V, rows, cols]``, out ``[B, D*H*W]`` (zeroed by the caller, accumulated) for the slabs
+    ``range(task, num_slabs, num_tasks)`` of ``num_slabs`` equal z-slabs."""
     nb, nv, rows, cols = proj.shape
     n0, n1, n2 = shape[0], shape[1], shape[2]
     strides = (n1 * n2, n2, 1)
-    for slab in prange(num_slabs):
+    for slab in range(task, num_slabs, num_tasks):
         z0 = slab * n0 // num_slabs
         z1 = (slab + 1) * n0 // num_slabs
         for bi in range(nb):
@@ -260,32 +268,6 @@ def _adjoint_kernel(proj, vec, is_cone, org, sp, shape, num_slabs, out):
                                     out[bi, base + (ib + 1) * sb + (ic + 1) * sc] += w * fb * fc
 
 
-# Serial twins of the parallel kernels (prange runs as range), for forked children (data-loader workers) of
-# a process that already started numba's thread pool: GNU OpenMP cannot be used across fork() and would
-# terminate the child. Compiled lazily, only when such a child calls a projector.
-def _serial_twin(kernel):
-    # A renamed copy of the Python function, so numba's on-disk cache (keyed by qualified name) keeps the
-    # serial compilation apart from the parallel one.
-    fn = kernel.py_func
-    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial", fn.__defaults__, fn.__closure__)
-    twin.__qualname__ = fn.__qualname__ + "_serial"
-    return njit(cache=True)(twin)
-
-
-_forward_kernel_serial = _serial_twin(_forward_kernel)
-_adjoint_kernel_serial = _serial_twin(_adjoint_kernel)
-_POOL_PID: int | None = None  # the process whose numba thread pool the parallel kernels started
-
-
-def _kernels():
-    """(forward, adjoint) kernels safe to call in this process."""
-    global _POOL_PID
-    if _POOL_PID is not None and _POOL_PID != os.getpid():
-        return _forward_kernel_serial, _adjoint_kernel_serial
-    _POOL_PID = os.getpid()
-    return _forward_kernel, _adjoint_kernel
-
-
 def _numpy(t: Tensor) -> np.ndarray:
     # One float64 kernel per operation: halves the JIT compile time and accumulates in float64.
     return t.detach().to(torch.float64).contiguous().numpy()
@@ -297,8 +279,8 @@ def _forward(volume: Tensor, geometry: CircularGeometry) -> Tensor:
     rows, cols = args["det_shape"]
     vol = _numpy(volume.reshape(b, -1))
     out = np.empty((b, geometry.num_views, rows, cols), dtype=np.float64)
-    forward_kernel, _ = _kernels()
-    forward_kernel(vol, args["vectors"], args["is_cone"], args["origin"], args["spacing"], args["vol_shape"], out)
+    run_tasks(_forward_kernel, b * geometry.num_views * rows, vol, args["vectors"], args["is_cone"], args["origin"],
+              args["spacing"], args["vol_shape"], out)
     return torch.from_numpy(out).to(volume.dtype)
 
 
@@ -308,18 +290,10 @@ def _adjoint(projections: Tensor, geometry: CircularGeometry) -> Tensor:
     d, h, w = geometry.vol_shape
     proj = _numpy(projections)
     out = np.zeros((b, d * h * w), dtype=np.float64)
-    _, adjoint_kernel = _kernels()
-    num_slabs = 1 if adjoint_kernel is _adjoint_kernel_serial else max(1, min(d, 2 * numba.get_num_threads()))
-    adjoint_kernel(
-        proj,
-        args["vectors"],
-        args["is_cone"],
-        args["origin"],
-        args["spacing"],
-        args["vol_shape"],
-        num_slabs,
-        out,
-    )
+    # Every slab walks every ray: as many slabs as tasks (one task per slab), at most one per z-plane.
+    num_slabs = num_tasks(d)
+    run_tasks(_adjoint_kernel, num_slabs, proj, args["vectors"], args["is_cone"], args["origin"], args["spacing"],
+              args["vol_shape"], out, tasks=num_slabs)
     return torch.from_numpy(out).reshape(b, 1, d, h, w).to(projections.dtype)
 
 

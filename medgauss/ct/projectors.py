@@ -1,8 +1,9 @@
 """Public voxel projectors: ``forward_project`` (line integrals) and its matched adjoint ``back_project``.
 
 Both use Joseph's method (see :mod:`medgauss.ct._joseph` for why) and choose their backend through
-:mod:`medgauss.render.dispatch` (argument > ``MEDGAUSS_BACKEND`` > auto: numba for CPU tensors,
-torch for CUDA tensors). Both backends are differentiable.
+:mod:`medgauss.dispatch` (argument > ``MEDGAUSS_BACKEND`` > auto: numba for CPU tensors,
+torch for CUDA tensors). Both backends are differentiable. An empty batch (``B = 0``) gives an
+empty result of the right shape (with a gradient) for every backend.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from medgauss.dispatch import get_implementation, resolve_backend
 from medgauss.geometry import CircularGeometry
-from medgauss.render.dispatch import get_implementation, resolve_backend
 
 __all__ = ["forward_project", "back_project"]
 
@@ -29,6 +30,8 @@ def _check_float(name: str, tensor: object) -> Tensor:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"{name} must be float32 or float64, got {tensor.dtype}")
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"{name} contains non-finite values (NaN or inf)")
     return tensor
 
 
@@ -36,7 +39,8 @@ def check_projections(projections: object, geometry: object) -> tuple[Tensor, Ci
     """Validate a projection stack ``[B, V, rows, cols]`` (float32/float64) against ``geometry``.
 
     The one place every consumer of projections (``back_project``, ``fdk``, ``sart``, ``asd_pocs``)
-    checks them; raises ``ValueError`` naming the argument and what was received.
+    checks them; raises ``ValueError`` naming the argument and what was received (wrong type, dtype or
+    shape, or non-finite values).
     """
     geometry = _check_geometry(geometry)
     projections = _check_float("projections", projections)
@@ -60,7 +64,8 @@ def forward_project(volume: Tensor, geometry: CircularGeometry, *, backend: str 
         backend: ``"auto"``, ``"numba"`` (CPU) or ``"torch"`` (any device).
 
     Returns:
-        ``[B, V, rows, cols]`` dimensionless line integrals, same dtype/device as ``volume``.
+        ``[B, V, rows, cols]`` dimensionless line integrals, same dtype/device as ``volume``
+        (``B = 0`` gives an empty stack).
     """
     geometry = _check_geometry(geometry)
     volume = _check_float("volume", volume)
@@ -71,6 +76,8 @@ def forward_project(volume: Tensor, geometry: CircularGeometry, *, backend: str 
             f"(geometry.vol_shape), got {tuple(volume.shape)}"
         )
     name = resolve_backend("forward_project", backend, volume.device)
+    if volume.shape[0] == 0:
+        return _empty_like_graph(volume, (0, *geometry.output_shape()))
     return get_implementation("forward_project", name)(volume.contiguous(), geometry)
 
 
@@ -87,8 +94,16 @@ def back_project(projections: Tensor, geometry: CircularGeometry, *, backend: st
         backend: ``"auto"``, ``"numba"`` (CPU) or ``"torch"`` (any device).
 
     Returns:
-        ``[B, 1, D, H, W]`` in units of projection value times mm, same dtype/device as ``projections``.
+        ``[B, 1, D, H, W]`` in units of projection value times mm, same dtype/device as ``projections``
+        (``B = 0`` gives an empty batch).
     """
     projections, geometry = check_projections(projections, geometry)
     name = resolve_backend("back_project", backend, projections.device)
+    if projections.shape[0] == 0:
+        return _empty_like_graph(projections, (0, 1, *geometry.vol_shape))
     return get_implementation("back_project", name)(projections.contiguous(), geometry)
+
+
+def _empty_like_graph(source: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Zeros of ``shape`` (an empty batch) in ``source``'s dtype/device, in ``source``'s graph."""
+    return source.new_zeros(shape) + source.sum() * 0

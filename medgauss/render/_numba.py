@@ -1,10 +1,12 @@
 """Numba CPU backend of :func:`medgauss.render.splat`: adapter between torch and the kernels.
 
-Torch computes, with autograd, the packed precision ``[B, N, 6]`` of the Gaussians; a
-``torch.autograd.Function`` takes ``(means, precision, intensities)``, runs the kernels of
-:mod:`medgauss.render._numba_kernels` (float64 arithmetic; the dense volume of float32 Gaussians
-is stored as float32) and returns the gradients of those three tensors, so the
-gradients with respect to scales and quaternions follow from torch's chain rule. No kernel
+Torch computes, with autograd, the float64 precision factor and packed precision ``[B, N, 6]`` of the
+Gaussians (:func:`medgauss.render._common.precision_factor`); a ``torch.autograd.Function`` takes
+``(means, precision, intensities)`` and the factor, runs the kernels of
+:mod:`medgauss.render._numba_kernels` (float64 arithmetic on the factor; the dense volume of float32
+Gaussians is stored as float32) and returns the gradients of those three tensors, so the
+gradients with respect to scales and quaternions follow from torch's chain rule. The kernels run on
+the thread pool of :mod:`medgauss._parallel`, the library's one threading and fork policy. No kernel
 allocates anything of size voxels x N: memory is a few volumes (float64 output, upstream
 gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussian lists).
 """
@@ -12,21 +14,18 @@ gradient) plus O(N) per Gaussian data (and, in point mode, a cell grid of Gaussi
 from __future__ import annotations
 
 import math
-import os
-import threading
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from medgauss import _parallel
+from medgauss._parallel import run_tasks
 from medgauss.gaussians import Gaussians
 from medgauss.render import _numba_kernels as kernels
-from medgauss.render._common import PRECISION_PACKING, points_to_normalized, precision_upper
+from medgauss.render._common import PRECISION_PACKING, points_to_normalized, precision_factor
 
 __all__ = ["splat"]
 
@@ -43,8 +42,6 @@ _MAX_GRID_ENTRIES = 1 << 23
 # Points per voxel from which voxel-centre points are rendered densely and gathered (measured:
 # the dense kernels cost ~1/8 of the point kernels per (Gaussian, voxel) pair).
 GATHER_MIN_FRACTION = 0.125
-# Tasks per worker thread handed to the pool (load balancing).
-_TASKS_PER_THREAD = 2
 # Largest total size (float64 numbers) of the private gradient buffers of the point backward pass.
 _MAX_BUFFER_NUMBERS = 1 << 23
 
@@ -70,8 +67,9 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
         out = gaussians.intensities.sum(-1, keepdim=True).expand(b, m) * 0  # keeps the graph connected
         return out.reshape(b, 1, *shape) if points is None else out
     c2 = EXP_UNDERFLOW_Q if cutoff is None else min(float(cutoff) ** 2, EXP_UNDERFLOW_Q)
-    return _NumbaSplat.apply(gaussians.means, precision_upper(gaussians), gaussians.intensities,
-                             tuple(shape), c2, points)
+    factor, prec = precision_factor(gaussians)
+    return _NumbaSplat.apply(gaussians.means, prec, gaussians.intensities, factor.detach(), tuple(shape), c2,
+                             points)
 
 
 @dataclass
@@ -87,15 +85,17 @@ class _Prepared:
 class _NumbaSplat(torch.autograd.Function):
     """``(means [B,N,3], precision [B,N,6], intensities [B,N]) -> volume or point values``.
 
-    Three routes: ``dense`` (no points), ``gather`` (points that are voxel centres, many of them:
-    dense kernels, then a gather; backward scatters the upstream gradient into a volume) and
-    ``points`` (cell-binned kernels evaluated at arbitrary points).
+    Values are evaluated with ``factor [B,N,6]`` (``factor^T factor = precision``, no gradient); the
+    gradient is returned with respect to the packed ``precision``. Three routes: ``dense`` (no
+    points), ``gather`` (points that are voxel centres, many of them: dense kernels, then a gather;
+    backward scatters the upstream gradient into a volume) and ``points`` (cell-binned kernels
+    evaluated at arbitrary points).
     """
 
     @staticmethod
-    def forward(ctx, means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int],
-                c2: float, points: Tensor | None) -> Tensor:
-        prep = _prepare(means, prec6, intensities, shape)
+    def forward(ctx, means: Tensor, prec6: Tensor, intensities: Tensor, factor6: Tensor,
+                shape: tuple[int, int, int], c2: float, points: Tensor | None) -> Tensor:
+        prep = _prepare(means, prec6, factor6, intensities, shape)
         b = prep.batch
         voxel_index = None if points is None else _voxel_centre_index(points, shape)
         if points is None or voxel_index is not None:
@@ -107,13 +107,14 @@ class _NumbaSplat(torch.autograd.Function):
         else:
             binned = _bin_points(prep, points_to_normalized(points, shape, torch.float64), c2)
             sorted_out = np.zeros(binned.coords.shape[0])
-            _run_tasks(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
-                       binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
+            run_tasks(kernels.points_forward, binned.cell_start.shape[0] - 1, prep.params, binned.coords,
+                      binned.cell_start, binned.offsets, binned.entries, c2, sorted_out)
             out = np.empty_like(sorted_out)
             out[binned.order] = sorted_out
             ctx.route, ctx.state = "points", binned
             result = torch.from_numpy(out).reshape(b, -1)
-        ctx.prep, ctx.shape, ctx.c2, ctx.dtype = prep, shape, c2, means.dtype
+        ctx.prep, ctx.shape, ctx.c2 = prep, shape, c2
+        ctx.dtypes = (means.dtype, prec6.dtype, intensities.dtype)
         return result.to(means.dtype)
 
     @staticmethod
@@ -129,22 +130,24 @@ class _NumbaSplat(torch.autograd.Function):
             if ctx.route == "gather":  # scatter-add (repeated points add up) into a volume
                 grad = np.bincount(ctx.state[1], weights=grad, minlength=prep.batch * math.prod(ctx.shape))
             sums = np.zeros((prep.params.shape[0], kernels.NUM_SUMS))
-            _run_tasks(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
-                       *ctx.shape, ctx.c2, sums)
+            run_tasks(kernels.dense_backward, prep.params.shape[0], prep.params, *slabs, grad, prep.batch,
+                      *ctx.shape, ctx.c2, sums)
         grad_means, grad_prec, grad_int = _gradients_from_sums(sums, prep)
         b = prep.batch
+        dt_means, dt_prec, dt_int = ctx.dtypes
 
-        def as_tensor(a: np.ndarray, *tail: int) -> Tensor:
-            return torch.from_numpy(a).reshape(b, -1, *tail).to(ctx.dtype)
+        def as_tensor(a: np.ndarray, dtype: torch.dtype, *tail: int) -> Tensor:
+            return torch.from_numpy(a).reshape(b, -1, *tail).to(dtype)
 
-        return as_tensor(grad_means, 3), as_tensor(grad_prec, 6), as_tensor(grad_int), None, None, None
+        return (as_tensor(grad_means, dt_means, 3), as_tensor(grad_prec, dt_prec, 6), as_tensor(grad_int, dt_int),
+                None, None, None, None)
 
 
 def _dense_forward(prep: _Prepared, slabs: tuple[np.ndarray, np.ndarray], shape: tuple[int, int, int],
                    c2: float, single: bool) -> np.ndarray:
     """The volume ``[B*D*H*W]``, float32 when ``single`` else float64 (computed in float64 either way)."""
     out = np.empty(prep.batch * math.prod(shape), dtype=np.float32 if single else np.float64)  # every slab written
-    _run_tasks(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
+    run_tasks(kernels.dense_forward, prep.batch * shape[0], prep.params, *slabs, prep.batch, *shape, c2, out)
     return out
 
 
@@ -169,19 +172,25 @@ def _voxel_centre_index(points: Tensor, shape: tuple[int, int, int]) -> np.ndarr
     return index if all_centres else None
 
 
-def _prepare(means: Tensor, prec6: Tensor, intensities: Tensor, shape: tuple[int, int, int]) -> _Prepared:
-    """Per-Gaussian kernel parameters (voxel units, factored precision) ``[B*N, NUM_PARAMS]``."""
+def _prepare(means: Tensor, prec6: Tensor, factor6: Tensor, intensities: Tensor,
+             shape: tuple[int, int, int]) -> _Prepared:
+    """Per-Gaussian kernel parameters (voxel units, factored precision) ``[B*N, NUM_PARAMS]``.
+
+    ``prec6`` / ``factor6`` are the packed precision and its factor of
+    :func:`medgauss.render._common.precision_factor` (whose pivots are positive by construction; a
+    factor that is not raises, as an internal error, rather than rendering nonsense).
+    """
     if means.device.type != "cpu":
         raise ValueError(f"the numba backend needs CPU tensors, got means on {means.device}")
     sizes = np.asarray(shape, dtype=np.float64)
     params, prec, bad = kernels.gaussian_params(_to_numpy(means).reshape(-1, 3), _to_numpy(prec6).reshape(-1, 6),
-                                                _to_numpy(intensities).reshape(-1), sizes)
+                                                _to_numpy(factor6).reshape(-1, 6), _to_numpy(intensities).reshape(-1),
+                                                sizes)
     if bad >= 0:
         n = means.shape[1]
         pivots = params[bad, [kernels.PREC_W, kernels.SCHUR_H, kernels.SCHUR_D]]
-        raise ValueError(f"gaussians: the precision of Gaussian (b={bad // n}, n={bad % n}) is not positive "
-                         f"definite in float64 (pivots {pivots.tolist()}); its scales are too "
-                         f"anisotropic for {means.dtype}")
+        raise ValueError(f"gaussians: the precision factor of Gaussian (b={bad // n}, n={bad % n}) is not "
+                         f"positive definite or not finite (pivots {pivots.tolist()})")
     return _Prepared(params=params, prec_voxel=prec, sizes=sizes, batch=means.shape[0])
 
 
@@ -199,11 +208,20 @@ def _slab_ranges(prep: _Prepared, c2: float, depth: int) -> tuple[np.ndarray, np
 
 
 def _half_extents_voxels(prep: _Prepared, c2: float) -> np.ndarray:
-    """Padded half-size ``[B*N, 3]`` (voxels) of each ellipsoid ``q < c2`` along D, H, W."""
-    p00, p11, p22, p01, p02, p12 = prep.prec_voxel.T
-    det = prep.params[:, kernels.PREC_W] * prep.params[:, kernels.SCHUR_H] * prep.params[:, kernels.SCHUR_D]
-    variances = np.stack([p11 * p22 - p12 * p12, p00 * p22 - p02 * p02, p00 * p11 - p01 * p01], axis=1)
-    half = np.sqrt(c2 * np.maximum(variances, 0.0) / det[:, None])
+    """Padded half-size ``[B*N, 3]`` (voxels) of each ellipsoid ``q < c2`` along D, H, W.
+
+    ``sqrt(c2 Sigma_aa)`` with ``Sigma = M M^T``, ``M = L^-1`` from the factored parameters: every
+    variance is a sum of squares, accurate however anisotropic the Gaussian.
+    """
+    p = prep.params
+    m00 = 1.0 / np.sqrt(p[:, kernels.SCHUR_D])
+    m11 = 1.0 / np.sqrt(p[:, kernels.SCHUR_H])
+    m10 = p[:, kernels.SLOPE1] * m00
+    m21 = p[:, kernels.SLOPE21] * m11
+    m20 = p[:, kernels.SLOPE20] * m00 + p[:, kernels.SLOPE21] * m10
+    variances = np.stack([m00 * m00, m10 * m10 + m11 * m11,
+                          m20 * m20 + m21 * m21 + p[:, kernels.INV_PREC_W]], axis=1)
+    half = np.sqrt(c2 * variances)
     return half * (1 + _BOX_PAD_REL) + _BOX_PAD_ABS
 
 
@@ -261,57 +279,16 @@ def _bin_points(prep: _Prepared, points: Tensor, c2: float) -> _BinnedPoints:
     return _BinnedPoints(coords=coords, order=order, cell_start=cell_start, offsets=offsets, entries=entries)
 
 
-def _num_threads() -> int:
-    """Worker threads of the kernels: numba's thread count (``NUMBA_NUM_THREADS``, default all cores)."""
-    return max(1, int(numba.config.NUMBA_NUM_THREADS))
-
-
-_POOL: ThreadPoolExecutor | None = None
-_POOL_PID = -1
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    """The worker pool of this process (a forked child, e.g. a data-loader worker, gets its own)."""
-    global _POOL, _POOL_PID
-    with _POOL_LOCK:
-        if _POOL is None or _POOL_PID != os.getpid():
-            _POOL = ThreadPoolExecutor(max_workers=_num_threads(), thread_name_prefix="medgauss-numba")
-            _POOL_PID = os.getpid()
-        return _POOL
-
-
-def _num_tasks(total: int, max_tasks: int) -> int:
-    """How many interleaved tasks share ``range(total)``: at most ``max_tasks``, none empty."""
-    return max(1, min(total, max_tasks))
-
-
-def _run_tasks(kernel: Callable[..., None], total: int, *args: object) -> None:
-    """Run ``kernel(*args, t, total, tasks)`` for every ``t < tasks`` concurrently (``range(t, total, tasks)`` each).
-
-    Interleaved, not contiguous, ranges: the work of neighbouring slabs, cells or Gaussians varies
-    smoothly, so every task gets a like share of it; a few tasks per thread, handed out by a thread
-    pool as threads become free (the kernels release the GIL), absorb the rest.
-    """
-    tasks = _num_tasks(total, _TASKS_PER_THREAD * _num_threads())
-    if tasks == 1 or _num_threads() == 1:
-        kernel(*args, 0, total, 1)
-        return
-    for future in [_pool().submit(kernel, *args, t, total, tasks) for t in range(tasks)]:
-        future.result()
-
-
 def _points_backward(prep: _Prepared, binned: _BinnedPoints, c2: float,
                      grad_sorted: np.ndarray) -> np.ndarray:
     """Gradient sums ``[B*N, NUM_SUMS]`` of the point route: private buffers per task, summed."""
     num_cells = binned.cell_start.shape[0] - 1
     per_buffer = prep.params.shape[0] * kernels.NUM_SUMS
-    tasks = _num_tasks(num_cells, min(_TASKS_PER_THREAD * _num_threads(), max(1, _MAX_BUFFER_NUMBERS // per_buffer)))
+    tasks = _parallel.num_tasks(num_cells, min(_parallel.TASKS_PER_THREAD * _parallel.num_threads(),
+                                                max(1, _MAX_BUFFER_NUMBERS // per_buffer)))
     buffers = np.zeros((tasks, prep.params.shape[0], kernels.NUM_SUMS))
     args = (prep.params, binned.coords, binned.cell_start, binned.offsets, binned.entries, c2, grad_sorted)
-    futures = [_pool().submit(kernels.points_backward, *args, buffers[t], t, num_cells, tasks) for t in range(tasks)]
-    for future in futures:
-        future.result()
+    _parallel.map_tasks(lambda t: kernels.points_backward(*args, buffers[t], t, num_cells, tasks), tasks)
     return buffers.sum(axis=0)
 
 

@@ -17,9 +17,9 @@ one multiplication and a comparison per voxel in the vectorised loops. Every ker
 and the point kernels, forward and backward, agree on which (Gaussian, voxel) pairs are inside,
 and a pair skipped by culling is always one with ``q >= c2``.
 
-Kernels are plain ``nogil`` functions over an index range; the adapter runs disjoint ranges on
-a thread pool (no ``parallel=True``: its compilation costs tens of seconds, and the pool balances
-load dynamically). Rows: within a slab, the inside voxels of a row ``h`` form a contiguous chord
+Kernels are plain ``nogil`` functions over an interleaved share of an index range, run on the
+thread pool of :mod:`medgauss._parallel` (the library's one threading and fork policy: no
+``parallel=True``). Rows: within a slab, the inside voxels of a row ``h`` form a contiguous chord
 along W, found from the quadratic ``q(w)`` and then checked at its ends; along it ``exp(-q/2)`` is
 advanced by multiplications from the row's peak outwards (``e[w+1] = e[w] * rho[w]``,
 ``rho[w+1] = rho[w] * exp(-A)``), two or three ``exp`` per row (the *row walk*).
@@ -132,45 +132,53 @@ def _mahalanobis(p: np.ndarray, u0: float, u1: float, u2: float, c2: float
 
 
 @njit(**_JIT)
-def gaussian_params(means: np.ndarray, prec: np.ndarray, intensities: np.ndarray, sizes: np.ndarray
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
+def gaussian_params(means: np.ndarray, prec: np.ndarray, factor: np.ndarray, intensities: np.ndarray,
+                    sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     """Kernel parameters of Gaussians given in normalised coordinates.
 
     Args:
         means: ``[G, 3]`` normalised centres; prec: ``[G, 6]`` packed normalised precision
-            (P00, P11, P22, P01, P02, P12); intensities: ``[G]``; sizes: ``[3]`` volume shape (D, H, W).
+            (P00, P11, P22, P01, P02, P12); factor: ``[G, 6]`` its lower-triangular factor
+            (L00, L11, L22, L10, L20, L21), ``P = L^T L``; intensities: ``[G]``; sizes: ``[3]`` volume
+            shape (D, H, W).
     Returns:
         ``params [G, NUM_PARAMS]`` (voxel units, factored precision), ``prec_voxel [G, 6]`` (the
-        packed precision in voxel units) and the first Gaussian whose parameters are not finite or
-        whose pivots ``A, S11, T`` are not positive (its precision is not positive definite in
-        float64), or ``-1``.
+        packed precision in voxel units, for the gradients) and the first Gaussian whose parameters
+        are not finite or whose pivots ``A, S11, T`` are not positive, or ``-1``.
+
+    The factored form is read off the factor (in voxel units ``L_ij / size_j``), never computed from
+    ``P``: ``T = L00^2``, ``S11 = L11^2``, ``SLOPE1 = -L10 / L11``, ``A = L22^2``, ``SLOPE20 = -L20 / L22``,
+    ``SLOPE21 = -L21 / L22``; its pivots are positive however anisotropic the Gaussian.
     """
     num = means.shape[0]
     params = np.empty((num, NUM_PARAMS))
     prec_voxel = np.empty((num, 6))
     first_bad = -1
     for g in range(num):
-        p00 = prec[g, 0] / (sizes[0] * sizes[0])
-        p11 = prec[g, 1] / (sizes[1] * sizes[1])
-        p22 = prec[g, 2] / (sizes[2] * sizes[2])
-        p01 = prec[g, 3] / (sizes[0] * sizes[1])
-        p02 = prec[g, 4] / (sizes[0] * sizes[2])
-        p12 = prec[g, 5] / (sizes[1] * sizes[2])
-        prec_voxel[g, 0], prec_voxel[g, 1], prec_voxel[g, 2] = p00, p11, p22
-        prec_voxel[g, 3], prec_voxel[g, 4], prec_voxel[g, 5] = p01, p02, p12
-        a = p22
-        s01 = p01 - p02 * p12 / a
-        s11 = p11 - p12 * p12 / a
-        schur_d = (p00 - p02 * p02 / a) - s01 * s01 / s11
-        slope21 = -p12 / a
+        prec_voxel[g, 0] = prec[g, 0] / (sizes[0] * sizes[0])
+        prec_voxel[g, 1] = prec[g, 1] / (sizes[1] * sizes[1])
+        prec_voxel[g, 2] = prec[g, 2] / (sizes[2] * sizes[2])
+        prec_voxel[g, 3] = prec[g, 3] / (sizes[0] * sizes[1])
+        prec_voxel[g, 4] = prec[g, 4] / (sizes[0] * sizes[2])
+        prec_voxel[g, 5] = prec[g, 5] / (sizes[1] * sizes[2])
+        l00 = factor[g, 0] / sizes[0]
+        l11 = factor[g, 1] / sizes[1]
+        l22 = factor[g, 2] / sizes[2]
+        l10 = factor[g, 3] / sizes[0]
+        l20 = factor[g, 4] / sizes[0]
+        l21 = factor[g, 5] / sizes[1]
+        a = l22 * l22
+        s11 = l11 * l11
+        schur_d = l00 * l00
+        slope21 = -l21 / l22
         row = params[g]
         for axis in range(3):
             row[M0 + axis] = means[g, axis] * sizes[axis] - 0.5
         row[SCHUR_D] = schur_d
         row[SCHUR_H] = s11
-        row[SLOPE1] = -s01 / s11
+        row[SLOPE1] = -l10 / l11
         row[PREC_W] = a
-        row[SLOPE20] = -p02 / a
+        row[SLOPE20] = -l20 / l22
         row[SLOPE21] = slope21
         row[INV_PREC_W] = 1.0 / a
         row[DECAY] = math.exp(-a)

@@ -1,8 +1,9 @@
 """Adapter from :func:`medgauss.render.splat` to the tile-based Triton kernels in :mod:`triton_kernels`.
 
 Converts the :class:`~medgauss.gaussians.Gaussians` container to the plain tensors the kernels take
-(means, differentiable packed precision, intensities, cut-off box half-sizes); gradients reach
-scales and quats through :func:`medgauss.render._common.precision_upper` by autograd.
+(means, the differentiable precision factor of :func:`medgauss.render._common.precision_factor` cast
+to the kernels' dtype, intensities, cut-off box half-sizes); gradients reach scales and quats
+through that factor by autograd.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from medgauss.gaussians import Gaussians
-from medgauss.render._common import half_extents, points_to_normalized, precision_upper
+from medgauss.render._common import half_extents, points_to_normalized, precision_factor
 from triton_kernels.splat import splat_tiles
 
 __all__ = ["splat"]
@@ -39,7 +40,8 @@ def splat(gaussians: Gaussians, shape: tuple[int, int, int], *, points: Tensor |
     if out_dtype in _HALF_DTYPES:
         gaussians = gaussians.to(torch.float32)
     points = None if points is None else points_to_normalized(points, shape, gaussians.dtype)
-    values = splat_tiles(gaussians.means, precision_upper(gaussians), gaussians.intensities,
+    factor = precision_factor(gaussians)[0].to(gaussians.dtype)
+    values = splat_tiles(gaussians.means, factor, gaussians.intensities,
                          half_extents(gaussians, cutoff), shape, points=points, cutoff=cutoff)
     values = values.to(out_dtype)
     if points is None:

@@ -2,8 +2,8 @@
 
 Computes each Gaussian's exact pixel footprint per view
 (:func:`medgauss.render.xray.footprint_pixel_rects`), turns it into tile ranges, and hands plain
-tensors to the kernels: means, differentiable packed precision (gradients reach scales and quats
-through :func:`medgauss.render._common.precision_upper` by autograd), intensities and the rays.
+tensors to the kernels: means, the differentiable precision factor (gradients reach scales and
+quats through :func:`medgauss.render._common.precision_factor` by autograd), intensities and the rays.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from medgauss.gaussians import Gaussians
-from medgauss.render._common import precision_upper
+from medgauss.render._common import precision_factor
 from medgauss.render.xray import TILE_SHAPE, footprint_pixel_rects, tile_rects
 from triton_kernels.xray import project_rays
 
@@ -34,5 +34,6 @@ def project(gaussians: Gaussians, origins: Tensor, directions: Tensor, matrices:
     """
     rows, cols = origins.shape[1:3]
     boxes = tile_rects(footprint_pixel_rects(gaussians, matrices, (rows, cols), cutoff), TILE_SHAPE)
-    return project_rays(gaussians.means, precision_upper(gaussians), gaussians.intensities, origins,
-                        directions, boxes, cutoff=cutoff, tile=TILE_SHAPE)
+    factor = precision_factor(gaussians)[0].to(gaussians.dtype)
+    return project_rays(gaussians.means, factor, gaussians.intensities, origins, directions, boxes,
+                        cutoff=cutoff, tile=TILE_SHAPE)

@@ -24,7 +24,10 @@ This module holds the public entry point and the decisions every backend shares:
 
 * :func:`footprints`: the exact outline (a conic) and pixel bounding box of each Gaussian's
   cutoff ellipsoid in each view (a ray meets the ellipsoid only if its pixel lies inside);
-* :func:`tile_rects`: the same boxes in units of pixel tiles, used to bin Gaussians into tiles.
+* :func:`tile_rects`: the same boxes in units of pixel tiles, used to bin Gaussians into tiles;
+* :func:`detector_rays`: every pixel's ray, computed on the Gaussians' device from the geometry's
+  ``[V, 12]`` per-view vectors (nothing of the size of the detector is built on the CPU or copied);
+* the contract on Gaussians (finite, any anisotropy, empty batches) of :mod:`medgauss.render._common`.
 
 The backends are the pure-torch reference (:mod:`medgauss.render._xray_torch`, dense, no culling),
 numba (:mod:`medgauss.render._xray_numba`) and Triton (:mod:`medgauss.render._xray_triton`).
@@ -39,11 +42,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from medgauss.dispatch import get_implementation, resolve_backend
 from medgauss.gaussians import Gaussians
 from medgauss.render import _common
-from medgauss.render.dispatch import get_implementation, resolve_backend
 
-__all__ = ["project", "footprints", "footprint_pixel_rects", "tile_rects", "TILE_SHAPE"]
+__all__ = ["project", "detector_rays", "footprints", "footprint_pixel_rects", "tile_rects", "TILE_SHAPE"]
 
 # Detector tile (rows, cols) used to bin Gaussians for the culled backends.
 TILE_SHAPE = (16, 16)
@@ -69,54 +72,97 @@ def project(
     Args:
         gaussians: ``B`` x ``N`` Gaussians in WORLD millimetres (the geometry's frame: x, y, z,
             rotation axis z). ``intensities [B, N]`` is the linear attenuation at each centre
-            (per mm); ``scales`` are standard deviations in mm.
+            (per mm); ``scales`` are standard deviations in mm. Any finite parameters with positive
+            scales, however anisotropic (see :mod:`medgauss.render._common`); non-finite values
+            raise ``ValueError`` naming the field. ``B = 0`` and ``N = 0`` are valid.
         geometry: a :class:`medgauss.geometry.ConeBeamGeometry` or
-            :class:`medgauss.geometry.ParallelBeamGeometry` (anything with the same ``rays``,
-            ``projection_matrices``, ``num_views`` and ``det_shape``).
+            :class:`medgauss.geometry.ParallelBeamGeometry` (anything with the same ``vectors``,
+            ``is_cone``, ``projection_matrices``, ``num_views`` and ``det_shape``).
         cutoff: Mahalanobis truncation radius: a Gaussian contributes to a ray only where the
             ray's smallest Mahalanobis distance to its centre is below ``cutoff``; ``None``
             integrates every Gaussian on every ray.
         view_ids: optional 1-D integer indices of the views to render (default: all views).
         backend: ``"auto"`` | ``"torch"`` | ``"numba"`` | ``"triton"`` (see
-            :mod:`medgauss.render.dispatch`).
+            :mod:`medgauss.dispatch`).
 
     Returns:
         ``[B, V, rows, cols]`` line integrals (dimensionless), ``V`` = number of rendered views,
         in the dtype and on the device of ``gaussians``. Gradients flow to means, scales, quats
-        and intensities for every backend.
+        and intensities for every backend (zeros, never missing, for empty inputs).
     """
     gaussians = _common.check_gaussians(gaussians)
     cutoff = _common.check_cutoff(cutoff)
     _check_geometry(geometry)
     ids = _check_view_ids(view_ids, int(geometry.num_views))
     dtype, device = gaussians.dtype, gaussians.device
-    origins, directions = geometry.rays(view_ids=None if ids is None else ids.tolist(),
-                                        dtype=torch.float64, device=device)
     n_views = int(geometry.num_views) if ids is None else int(ids.numel())
     rows, cols = (int(s) for s in geometry.det_shape)
-    for name, t in (("origins", origins), ("directions", directions)):
-        if tuple(t.shape) != (n_views, rows, cols, 3):
-            raise ValueError(f"geometry.rays() returned {name} of shape {tuple(t.shape)}, expected "
-                             f"[V={n_views}, rows={rows}, cols={cols}, 3]")
-    directions = directions / directions.norm(dim=-1, keepdim=True)
+    name = resolve_backend("project", backend, device)
+    if _common.is_empty(gaussians, n_views * rows * cols):
+        return _common.empty_result(gaussians, (gaussians.batch_size, n_views, rows, cols))
+    origins, directions = detector_rays(geometry, ids, dtype=dtype, device=device)
     matrices = torch.as_tensor(geometry.projection_matrices(), dtype=torch.float64).to(device)
     if ids is not None:
         matrices = matrices[ids.to(matrices.device)]
     if tuple(matrices.shape) != (n_views, 3, 4):
         raise ValueError(f"geometry.projection_matrices() must give [V, 3, 4] for the rendered views, got "
                          f"{tuple(matrices.shape)}")
-    name = resolve_backend("project", backend, device)
-    return get_implementation("project", name)(
-        gaussians, origins.to(dtype), directions.to(dtype), matrices, cutoff=cutoff)
+    return get_implementation("project", name)(gaussians, origins, directions, matrices, cutoff=cutoff)
+
+
+def detector_rays(geometry: Any, view_ids: Sequence[int] | Tensor | None = None, *,
+                  dtype: torch.dtype = torch.float32,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Every detector pixel's ray, computed on ``device`` from the geometry's per-view vectors.
+
+    ``geometry.vectors()`` is ``[V, 12]`` float64: the source point (cone beam) or the ray direction
+    (parallel beam), the centre of pixel ``(0, 0)``, and the steps from one pixel centre to the next
+    column and row (world mm). Only these ``12 V`` numbers travel to the device; the rays are built
+    there in float64 for float64 output and in float32 otherwise (then cast to ``dtype``), the same
+    rays as ``geometry.rays()`` up to that rounding.
+
+    Args:
+        geometry: a cone- or parallel-beam geometry (``vectors()``, ``is_cone``, ``det_shape``).
+        view_ids: optional 1-D integer view indices (default: every view).
+        dtype: floating dtype of the result.
+        device: device of the result.
+
+    Returns:
+        ``(origins, directions)``, each ``[V', rows, cols, 3]`` world mm, directions of unit length.
+        Cone beam: the origins are the source (one per view, broadcast); parallel beam: the pixel
+        centres, and the directions are one per view (broadcast). Both may be expanded views:
+        call ``.contiguous()`` before writing to them.
+    """
+    vectors = torch.as_tensor(geometry.vectors(), dtype=torch.float64)
+    num_views = int(geometry.num_views)
+    if tuple(vectors.shape) != (num_views, 12):
+        raise ValueError(f"geometry.vectors() must give [V={num_views}, 12], got {tuple(vectors.shape)}")
+    if view_ids is not None:
+        vectors = vectors[torch.as_tensor(view_ids, dtype=torch.long, device=vectors.device)]
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    vec = vectors.to(device=device, dtype=work)[:, None, None, :]  # [V, 1, 1, 12]
+    rows, cols = (int(s) for s in geometry.det_shape)
+    row = torch.arange(rows, dtype=work, device=vec.device)[None, :, None, None]
+    col = torch.arange(cols, dtype=work, device=vec.device)[None, None, :, None]
+    pixels = vec[..., 3:6] + col * vec[..., 6:9] + row * vec[..., 9:12]  # [V, rows, cols, 3]
+    source = vec[..., 0:3]
+    if bool(geometry.is_cone):
+        directions = pixels - source
+        directions = directions / directions.norm(dim=-1, keepdim=True)
+        origins = source.expand_as(pixels)
+    else:
+        origins = pixels
+        directions = (source / source.norm(dim=-1, keepdim=True)).expand_as(pixels)
+    return origins.to(dtype), directions.to(dtype)
 
 
 def _check_geometry(geometry: Any) -> None:
-    needed = ("rays", "projection_matrices", "num_views", "det_shape")
+    needed = ("vectors", "is_cone", "projection_matrices", "num_views", "det_shape")
     missing = [a for a in needed if not hasattr(geometry, a)]
     if missing:
-        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry (with rays(), "
-                         f"projection_matrices(), num_views, det_shape); got {type(geometry).__name__} "
-                         f"lacking {missing}")
+        raise ValueError(f"geometry must be a ConeBeamGeometry or ParallelBeamGeometry (with vectors(), "
+                         f"is_cone, projection_matrices(), num_views, det_shape); got "
+                         f"{type(geometry).__name__} lacking {missing}")
 
 
 def _check_view_ids(view_ids: Sequence[int] | Tensor | None, num_views: int) -> Tensor | None:
@@ -191,8 +237,9 @@ def footprints(
     everywhere = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=device)
     if cutoff is None:
         return full.expand(b, v, n, 4).contiguous(), everywhere.expand(b, v, n, 6).contiguous()
-    mu = gaussians.means.detach().to(torch.float64)
-    m_mat = gaussians.covariance().detach().to(torch.float64) * (cutoff * cutoff * (1 + 1e-6))  # [B, N, 3, 3]
+    g64 = gaussians.detach().to(torch.float64)  # a float32 covariance of a thin Gaussian is not even PSD
+    mu = g64.means
+    m_mat = g64.covariance() * (cutoff * cutoff * (1 + 1e-6))  # [B, N, 3, 3]
     mu_h = torch.cat((mu, torch.ones_like(mu[..., :1])), dim=-1)  # [B, N, 4]
     boxes, conics = [], []
     step = max(1, _FOOTPRINT_CHUNK // max(1, b * n))

@@ -115,6 +115,22 @@ def test_gradients_are_the_adjoint(backend):
     assert torch.autograd.gradcheck(lambda p: back_project(p, geo, backend=backend), (y,))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["cone", "parallel"])
+def test_empty_batch_gives_empty_outputs_with_gradients(kind, dtype, backend):
+    """B = 0 is a valid batch: empty outputs of the right shape and dtype, and (empty) gradients."""
+    geo = small_geometry(kind)
+    x = torch.zeros(0, 1, *geo.vol_shape, dtype=dtype, requires_grad=True)
+    y = torch.zeros(0, *geo.output_shape(), dtype=dtype, requires_grad=True)
+    fp = forward_project(x, geo, backend=backend)
+    bp = back_project(y, geo, backend=backend)
+    assert fp.shape == (0, 4, 7, 9) and fp.dtype == dtype
+    assert bp.shape == (0, 1, 5, 6, 7) and bp.dtype == dtype
+    gx, gy = torch.autograd.grad(fp.sum() + bp.sum(), (x, y))
+    assert gx.shape == x.shape and gy.shape == y.shape
+
+
 def test_auto_backend_and_env_override(monkeypatch):
     geo = small_geometry("parallel")
     x = torch.rand(1, 1, *geo.vol_shape)
@@ -146,7 +162,8 @@ def _project_in_child(volume, projections, geometry, connection) -> None:
 
 
 def test_numba_projectors_work_in_a_forked_child_after_use_in_the_parent():
-    """Data-loader workers fork; numba's OpenMP pool cannot cross fork(), so children must not use it."""
+    """Data-loader workers fork: the projectors must run in a child after running in the parent (see also
+    tests/render/test_numba_threads.py, which does it through a DataLoader)."""
     geo = small_geometry("parallel")
     x = torch.rand(1, 1, *geo.vol_shape)
     y = torch.rand(1, *geo.output_shape())

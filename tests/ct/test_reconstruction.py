@@ -162,3 +162,21 @@ def test_empty_batch_gives_empty_reconstructions_with_gradients(kind):
         sart(torch.zeros(0, *geo.output_shape()), geo, num_subsets=9, progress=False)
     with pytest.raises(ValueError, match=r"projections must have shape"):
         fdk(torch.zeros(0, 4, 6, 19), geo)
+
+
+@pytest.mark.parametrize("method", ["fdk", "sart", "asd_pocs", "forward_project"])
+def test_non_finite_inputs_are_refused_naming_the_argument(method):
+    from medgauss.ct import forward_project
+
+    geo = make_geometry("cone", 4, vol_shape=(4, 12, 12), det_shape=(6, 20))
+    if method == "forward_project":
+        volume = torch.zeros(1, 1, 4, 12, 12)
+        volume[0, 0, 1, 2, 3] = float("nan")
+        with pytest.raises(ValueError, match="volume contains non-finite"):
+            forward_project(volume, geo)
+        return
+    projections = torch.zeros(1, 4, 6, 20)
+    projections[0, 2, 3, 4] = float("inf")
+    fn = {"fdk": fdk, "sart": sart, "asd_pocs": asd_pocs}[method]
+    with pytest.raises(ValueError, match="projections contains non-finite"):
+        fn(projections, geo)

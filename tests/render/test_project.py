@@ -15,7 +15,7 @@ from scipy.spatial.transform import Rotation
 
 from medgauss.gaussians import Gaussians
 from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
-from medgauss.render.xray import project
+from medgauss.render.xray import detector_rays, project
 
 
 def cone(det=(9, 11), spacing=(6.0, 5.0), views=3, **kw):
@@ -277,3 +277,44 @@ def test_ewa_footprints_are_only_approximate_in_cone_beam():
         errors[sigma] = ((ewa_footprint(g, geo) - exact).abs().max() / exact.max()).item()
     assert errors[2.0] < 3e-3  # same conventions, tiny linearisation error
     assert errors[40.0] > 1e-2  # a 40 mm Gaussian 1 m from the source: > 1 % of the peak off
+
+
+def _wobbling_poses(views: int) -> torch.Tensor:
+    """Per-view rigid poses: tilts about x and y and shifts (a wobbling gantry)."""
+    poses = torch.eye(4, dtype=torch.float64).repeat(views, 1, 1)
+    for i in range(views):
+        rot = Rotation.from_rotvec([0.05 * (i + 1), -0.03 * i, 0.02]).as_matrix()
+        poses[i, :3, :3] = torch.from_numpy(rot)
+        poses[i, :3, 3] = torch.tensor([0.7 * i, -1.2, 2.5], dtype=torch.float64)
+    return poses
+
+
+@pytest.mark.parametrize("kind", GEOMETRIES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_detector_rays_built_from_vectors_match_geometry_rays(kind, dtype):
+    geo = GEOMETRIES[kind](det=(6, 7), views=4, det_offset=(2.5, -3.0), vol_offset=(1.0, -2.0, 0.5),
+                           poses=_wobbling_poses(4))
+    for ids in (None, [3, 0], torch.tensor([2])):
+        o, d = detector_rays(geo, ids, dtype=dtype)
+        o_ref, d_ref = geo.rays(view_ids=ids, dtype=torch.float64)
+        assert o.shape == d.shape == o_ref.shape and o.dtype == d.dtype == dtype
+        tol = 1e-10 if dtype == torch.float64 else 1e-4  # mm, at ~650 mm from the isocentre
+        torch.testing.assert_close(o.double(), o_ref, rtol=0, atol=tol)
+        torch.testing.assert_close(d.double(), d_ref, rtol=0, atol=tol * 1e-2)
+    # Only the [V, 12] vectors leave the host: the rays are computed on the requested device.
+    o, d = detector_rays(geo, dtype=dtype, device="meta")
+    assert o.device.type == d.device.type == "meta" and o.shape == (4, 6, 7, 3)
+
+
+def test_project_needs_vectors_not_rays():
+    """project() builds its rays from geometry.vectors() (on the Gaussians' device), not geometry.rays()."""
+    geo = cone(det=(5, 6), views=2)
+
+    class NoRays:
+        def __getattr__(self, name):
+            if name == "rays":
+                raise AssertionError("project() must not build rays on the CPU")
+            return getattr(geo, name)
+
+    g = some_gaussians(b=1, n=2)
+    torch.testing.assert_close(project(g, NoRays(), backend="torch"), project(g, geo, backend="torch"))

@@ -4,19 +4,26 @@ The torch reference evaluates every (ray, Gaussian) pair with only the cutoff ru
 evaluate only pairs binned through the footprint boxes. Equal outputs and gradients (shared random
 cotangents) therefore also show that culling never drops a contributing pair. The footprint boxes
 are also checked directly against an independent per-pixel Mahalanobis distance (whitened frame).
-Triton runs under TRITON_INTERPRET=1 (conftest), so its cases are tiny.
+Triton runs under TRITON_INTERPRET=1 (conftest), so its cases are tiny. The ``gpu`` class runs the
+compiled Triton kernel on CUDA at larger sizes (``TRITON_INTERPRET=0 pytest -m gpu``), and a slow test
+compiles every X-ray kernel variant for sm_90 (no GPU needed) and checks it spills no registers.
 """
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
+from medgauss.dispatch import resolve_backend
 from medgauss.gaussians import Gaussians
 from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
-from medgauss.render.dispatch import resolve_backend
 from medgauss.render.xray import footprint_pixel_rects, footprints, project
 
 ANGLES = [0.3, 2.0]
@@ -202,3 +209,125 @@ def test_auto_backend_on_cpu_is_numba(monkeypatch):
     assert resolve_backend("project", "auto", torch.device("cpu")) == "numba"
     monkeypatch.setenv("MEDGAUSS_BACKEND", "torch")
     assert resolve_backend("project", "auto", torch.device("cpu")) == "torch"
+
+
+# ------------------------------------------------------------------------------- real compilation
+_COMPILE_XRAY_FOR_H100 = textwrap.dedent("""
+    import itertools, os, subprocess, tempfile
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton_kernels import xray as X
+
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    ints = ("V", "R", "C", "N", "num_tiles", "tiles_c")
+    int_ptrs = ("tile_start_ptr", "ids_ptr")
+    for dtype, backward, cutoff in itertools.product((torch.float32, torch.float64), (False, True), (False, True)):
+        kernel = X._xray_bwd_kernel if backward else X._xray_fwd_kernel
+        fp = "*fp32" if dtype == torch.float32 else "*fp64"
+        consts = dict(TR=16, TC=16, BLOCK_G=X.default_block_g(dtype), HAS_CUTOFF=cutoff)
+        sig = {a: ("i32" if a in ints else "*i32" if a in int_ptrs else "constexpr" if a in consts else fp)
+               for a in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": X.NUM_WARPS})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                   text=True, check=True).stdout
+        line = next(s for s in usage.splitlines() if "REG:" in s).strip()
+        print(dtype, kernel.__name__, cutoff, line)
+        assert " STACK:0 " in line and " LOCAL:0 " in line, f"register spills: {line}"
+""")
+
+
+@pytest.mark.slow
+def test_xray_kernels_compile_for_h100_without_spills():
+    """Compiles every X-ray kernel variant to an sm_90 cubin (no GPU needed) and checks it spills nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", _COMPILE_XRAY_FOR_H100], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.count("REG:") == 8
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def many_gaussians(b: int, n: int, dtype: torch.dtype, device: str, seed: int = 11) -> Gaussians:
+    """The special Gaussians of :func:`mixed_gaussians` plus ``n`` random ones of 1-15 mm."""
+    special = mixed_gaussians(b=b, dtype=torch.float64, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    extra = Gaussians((torch.rand(b, n, 3, generator=gen, dtype=torch.float64) - 0.5) * 60,
+                      torch.rand(b, n, 3, generator=gen, dtype=torch.float64) * 14 + 1,
+                      torch.randn(b, n, 4, generator=gen, dtype=torch.float64),
+                      torch.rand(b, n, generator=gen, dtype=torch.float64) + 0.1)
+    return Gaussians.cat([special, extra]).to(dtype=dtype, device=device)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED,
+                    reason="needs a CUDA device and compiled kernels (TRITON_INTERPRET=0)")
+class TestTritonProjectOnCuda:
+    """The compiled X-ray kernel against the torch reference on the same device, at realistic sizes."""
+
+    @staticmethod
+    def geometry(kind: str):
+        common = dict(det_shape=(72, 90), det_spacing=(1.2, 1.1), vol_shape=(8, 8, 8), vol_spacing=(4.0, 4.0, 4.0),
+                      angles=torch.linspace(0.3, 5.9, 6))
+        if kind == "cone":
+            return ConeBeamGeometry(dso=400.0, dsd=650.0, **common)
+        return ParallelBeamGeometry(**common)
+
+    def test_auto_selects_triton_on_cuda(self):
+        assert resolve_backend("project", "auto", torch.device("cuda")) == "triton"
+
+    @pytest.mark.parametrize("kind", GEOMETRIES)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    @pytest.mark.parametrize("cutoff", [3.0, None])
+    def test_forward_and_gradients_match_torch_reference(self, kind, dtype, cutoff):
+        geo = self.geometry(kind)
+        g = many_gaussians(2, 120, dtype, "cuda")
+        cot = torch.randn(2, 6, 72, 90, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+        cot = cot.to(device="cuda", dtype=dtype)
+        ref_out, ref_grads = forward_and_grads(g, geo, "torch", cutoff, cot)
+        out, grads = forward_and_grads(g, geo, "triton", cutoff, cot)
+        assert out.device.type == "cuda" and out.dtype == dtype and ref_out.abs().max() > 1.0
+        if dtype == torch.float64:
+            assert_close_scaled(out.cpu(), ref_out.cpu(), dtype)
+        else:  # float32 may flip a pair sitting exactly on the cutoff: compare by norm
+            assert ((out - ref_out).norm() / ref_out.norm()).item() < 1e-4
+        for name, got, want in zip(("means", "scales", "quats", "intensities"), grads, ref_grads):
+            assert want.abs().max() > 0, name
+            if dtype == torch.float64:
+                assert_close_scaled(got.cpu(), want.cpu(), dtype)
+            else:  # float32: atomics sum in any order, and a pair exactly on the cutoff may flip
+                assert ((got - want).norm() / want.norm()).item() < 1e-3, name
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_extreme_anisotropy_against_whitened_reference(self, dtype):
+        from tests.render.test_render_contract import thin_gaussians_world, whitened_rays
+
+        geo = self.geometry("cone")
+        g = thin_gaussians_world(dtype)
+        out = project(g.to("cuda"), geo, cutoff=3.0, backend="triton").cpu().double().numpy()
+        want = whitened_rays(g, geo, 3.0)
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        np.testing.assert_allclose(out, want, rtol=0, atol=tol * np.abs(want).max())
+
+    def test_rays_are_built_on_the_device_and_empty_batches_work(self):
+        from medgauss.render.xray import detector_rays
+
+        geo = self.geometry("cone")
+        o, d = detector_rays(geo, dtype=torch.float64, device="cuda")
+        o_ref, d_ref = geo.rays(dtype=torch.float64)
+        assert o.device.type == "cuda"
+        torch.testing.assert_close(o.cpu(), o_ref, rtol=0, atol=1e-9)
+        torch.testing.assert_close(d.cpu(), d_ref, rtol=0, atol=1e-12)
+        leaves = [t.requires_grad_() for t in (torch.zeros(0, 3, 3, device="cuda"), torch.ones(0, 3, 3, device="cuda"),
+                                               torch.ones(0, 3, 4, device="cuda"), torch.ones(0, 3, device="cuda"))]
+        out = project(Gaussians(*leaves), geo, backend="triton")
+        assert out.shape == (0, 6, 72, 90) and out.device.type == "cuda"
+        assert all(g is not None for g in torch.autograd.grad(out.sum(), leaves))

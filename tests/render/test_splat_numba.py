@@ -22,10 +22,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from medgauss import _parallel
 from medgauss.gaussians import Gaussians
 from medgauss.render import _numba, splat
 from medgauss.render import _numba_kernels as kernels
-from medgauss.render._common import precision_upper
+from medgauss.render._common import precision_factor
 
 # ----------------------------------------------------------------------------------- references
 
@@ -145,7 +146,8 @@ def test_dense_float32_covers_exactly_the_float64_pairs():
 def _dense_routes(g: Gaussians, shape: tuple[int, int, int], cutoff: float) -> set[str]:
     """Which dense-forward routes (``recurrence`` / ``walk``) the kernel takes for ``g``'s sections."""
     c2 = cutoff * cutoff
-    prep = _numba._prepare(g.means, precision_upper(g), g.intensities, shape)
+    factor, prec = precision_factor(g)
+    prep = _numba._prepare(g.means, prec, factor, g.intensities, shape)
     d_lo, d_hi = _numba._slab_ranges(prep, c2, shape[0])
     routes = set()
     for p, lo, hi in zip(prep.params, d_lo, d_hi):
@@ -273,11 +275,13 @@ def test_empty_inputs_give_zeros_and_zero_gradients():
     assert all(gr is None or not gr.any() for gr in grads) and grads[1] is not None
 
 
-def test_non_positive_definite_precision_is_rejected():
+def test_degenerate_factor_is_an_internal_error_not_nonsense():
+    """precision_factor never makes a zero pivot; a factor that has one is refused, not rendered."""
     means = torch.full((1, 1, 3), 0.5, dtype=torch.float64)
-    prec6 = torch.tensor([[[1.0, 1.0, 1.0, 2.0, 0.0, 0.0]]], dtype=torch.float64)  # eigenvalue -1
+    factor = torch.tensor([[[1.0, 0.0, 1.0, 0.5, 0.0, 0.0]]], dtype=torch.float64)  # L11 = 0: P singular
+    prec = torch.tensor([[[1.25, 0.0, 1.0, 0.0, 0.0, 0.0]]], dtype=torch.float64)
     with pytest.raises(ValueError, match="not positive definite"):
-        _numba._prepare(means, prec6, torch.ones(1, 1, dtype=torch.float64), (4, 4, 4))
+        _numba._prepare(means, prec, factor, torch.ones(1, 1, dtype=torch.float64), (4, 4, 4))
 
 
 def _splat_in_child(g: Gaussians, connection) -> None:
@@ -315,7 +319,7 @@ def test_results_do_not_depend_on_the_number_of_threads(monkeypatch, mode):
     cotangent = None
     results = []
     for threads in (1, 5):
-        monkeypatch.setattr(_numba, "_num_threads", lambda threads=threads: threads)
+        monkeypatch.setattr(_parallel, "num_threads", lambda threads=threads: threads)
         leaves = _leaves(g)
         out = splat(Gaussians(*leaves), (9, 10, 11), points=points, cutoff=3.0, backend="numba")
         cotangent = torch.randn(out.shape, dtype=out.dtype) if cotangent is None else cotangent

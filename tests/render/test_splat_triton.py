@@ -118,13 +118,13 @@ def test_forward_float32_matches_brute_force():
 @needs_interpreter
 def test_forward_other_tilings_agree():
     """Tiles smaller than the volume in every axis and partial Gaussian blocks (N=5, block 2)."""
-    from medgauss.render._common import half_extents, precision_upper
+    from medgauss.render._common import half_extents, precision_factor
 
     g = Gaussians(*random_params(1, 5, seed=3))
     want = brute_force(g.means, g.scales, g.quats, g.intensities,
                        voxel_centres_np(SHAPE)[None], 3.0)
     for tile, block_g in (((2, 4, 4), 2), ((8, 16, 16), 8)):
-        got = splat_tiles(g.means, precision_upper(g), g.intensities, half_extents(g, 3.0), SHAPE,
+        got = splat_tiles(g.means, precision_factor(g)[0], g.intensities, half_extents(g, 3.0), SHAPE,
                           cutoff=3.0, tile=tile, block_g=block_g)
         np.testing.assert_allclose(got.detach().numpy(), want, rtol=1e-10, atol=1e-12)
 
@@ -224,12 +224,12 @@ def test_gradients_match_torch_reference_hypothesis(shape, n, b, cutoff, seed):
 
 @needs_interpreter
 def test_kernel_gradcheck_float64():
-    """Finite differences of the raw kernel w.r.t. means, packed precision and intensities."""
-    from medgauss.render._common import half_extents, precision_upper
+    """Finite differences of the raw kernel w.r.t. means, packed precision factor and intensities."""
+    from medgauss.render._common import half_extents, precision_factor
 
     g = Gaussians(*random_params(1, 2, seed=9))
     means = g.means.detach().clone().requires_grad_(True)
-    prec = precision_upper(g).detach().clone().requires_grad_(True)
+    prec = precision_factor(g)[0].detach().clone().requires_grad_(True)
     inten = g.intensities.detach().clone().requires_grad_(True)
     ext = half_extents(g, None)
     shape = (3, 4, 5)
@@ -329,7 +329,7 @@ def test_bin_points_covers_every_point_once():
 def test_kernel_rejects_bad_arguments():
     means, prec, inten = torch.zeros(1, 2, 3), torch.zeros(1, 2, 6), torch.zeros(1, 2)
     ext = torch.zeros(1, 2, 3)
-    with pytest.raises(ValueError, match="prec must have shape"):
+    with pytest.raises(ValueError, match="factor must have shape"):
         splat_tiles(means, prec[:, :1], inten, ext, (4, 4, 4))
     with pytest.raises(ValueError, match="intensities has dtype"):
         splat_tiles(means, prec, inten.double(), ext, (4, 4, 4))
@@ -432,3 +432,25 @@ class TestTritonOnCuda:
         else:
             assert ((out_t - out_r).norm() / out_r.norm()).item() < 1e-4
             assert_grads_close(got, want, 1e-3, norm=True)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+    def test_extreme_anisotropy_against_whitened_reference(self, dtype):
+        from tests.render.test_render_contract import (
+            points_near_the_gaussians,
+            thin_gaussians_normalised,
+            whitened_points,
+        )
+
+        g = thin_gaussians_normalised(dtype)
+        points = points_near_the_gaussians(g)
+        got = splat(g.to("cuda"), self.shape, points=points.to("cuda"), cutoff=None, backend="triton")
+        want = whitened_points(g, points.double().numpy(), None)
+        tol = 1e-9 if dtype == torch.float64 else 3e-3
+        np.testing.assert_allclose(got.cpu().double().numpy(), want, rtol=0, atol=tol * np.abs(want).max())
+
+    def test_empty_batch_on_cuda(self):
+        leaves = [t.requires_grad_() for t in (torch.zeros(0, 4, 3, device="cuda"), torch.ones(0, 4, 3, device="cuda"),
+                                               torch.ones(0, 4, 4, device="cuda"), torch.ones(0, 4, device="cuda"))]
+        out = splat(Gaussians(*leaves), self.shape, backend="triton")
+        assert out.shape == (0, 1, *self.shape) and out.device.type == "cuda"
+        assert all(g is not None for g in torch.autograd.grad(out.sum(), leaves))

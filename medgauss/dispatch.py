@@ -1,12 +1,19 @@
-"""The ONE place a rendering backend is chosen: argument > ``MEDGAUSS_BACKEND`` > automatic.
+"""The ONE place a compute backend is chosen, for every operation that has several: argument >
+``MEDGAUSS_BACKEND`` > automatic.
 
 ``auto`` picks ``triton`` for CUDA tensors, ``numba`` for CPU tensors, and falls back to the
 pure-torch reference only when the preferred backend cannot run here. A backend asked for by
 name (argument or environment variable) that cannot run raises ``RuntimeError`` saying why;
 it never falls back silently.
 
+It lives at the top of the package, importing no medgauss module (implementations are named as
+``"module:function"`` strings and imported on first use), so that :mod:`medgauss.render` (splat,
+X-ray projection of Gaussians) and :mod:`medgauss.ct` (voxel projectors) both use it without
+depending on each other.
+
 Adding a backend or an operation: add its ``"module:function"`` to ``_IMPLEMENTATIONS`` (same
-signature as the torch reference) and, for a new backend, a rule in ``_unavailable_reason``.
+signature as the torch reference) and, for a new backend, a rule in ``_unavailable_reason``. How
+numba kernels run in parallel (threads, fork safety) is decided in :mod:`medgauss._parallel`.
 """
 
 from __future__ import annotations
