@@ -1,5 +1,10 @@
 """Pretraining step benchmark: MedGMAE vs MedGMAE* vs voxel-MAE with the same encoder.
 
+Each model is built exactly as the recipe builds it: ``create_model(**cfg.model)`` with the model group
+``recipes/conf/model/<kind>_<size>.yaml`` composed by Hydra (``max_scale`` included, so the Gaussians,
+and the (Gaussian, voxel) pairs the loss evaluates, are the recipe's); ``--img-size`` overrides the
+config's crop size. The table shows each model's ``max_scale`` and an estimate of those pairs.
+
 Measures one training step (forward + loss + backward + AdamW step) and peak memory for each model
 at each size, on CPU and (when available) CUDA, in one run, and reports each time as a ratio to the
 voxel-MAE step of the same size and device. Each configuration runs in its own subprocess, so peak
@@ -24,8 +29,45 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RECIPE_CONF = ROOT / "recipes" / "conf"
 KINDS = ("gmae", "gmae_star", "vmae")
 LABELS = {"gmae": "MedGMAE", "gmae_star": "MedGMAE*", "vmae": "voxel-MAE"}
+
+
+def recipe_model_config(name: str, img_size: int | None = None) -> dict:
+    """The recipe's model group ``name`` (``recipes/conf/model/<name>.yaml``), composed and resolved by Hydra.
+
+    Returns the keyword arguments of ``create_model`` (``name`` included); ``img_size`` replaces the
+    config's crop size when given. Raises ``FileNotFoundError`` when the recipe has no such model group.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if not (RECIPE_CONF / "model" / f"{name}.yaml").is_file():
+        raise FileNotFoundError(f"the recipe has no model config {RECIPE_CONF / 'model' / f'{name}.yaml'}")
+    overrides = [f"model={name}"] + ([] if img_size is None else [f"model.img_size={img_size}"])
+    with initialize_config_dir(config_dir=str(RECIPE_CONF), version_base="1.3"):
+        cfg = compose(config_name="medgmae_pretrain", overrides=overrides)
+    return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def splat_pairs(out, img_size: tuple[int, int, int], cutoff: float | None) -> float:
+    """Estimated (Gaussian, voxel) pairs of sample 0 inside the loss's cutoff ellipsoids and the crop.
+
+    Monte Carlo, by ``benchmarks/splat.py``'s ``estimate_pairs``; the loss evaluates the hidden share of
+    them (about ``mask_ratio``).
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_splat", ROOT / "benchmarks" / "splat.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    g = out.gaussians.detach()
+    if len(set(img_size)) != 1:
+        raise ValueError(f"img_size: the pair estimate needs a cubic crop, got {img_size}")
+    if cutoff is None:  # dense: every voxel
+        return float(g.num_gaussians * img_size[0] ** 3)
+    return module.estimate_pairs(g, img_size[0], cutoff)
 
 
 def _sync(device: str) -> None:
@@ -47,12 +89,14 @@ def run_worker(cfg: dict) -> dict:
     if cfg.get("threads"):
         torch.set_num_threads(cfg["threads"])
     device = cfg["device"]
-    name = f"{cfg['kind']}_{cfg['size']}"
-    model = create_model(name, img_size=cfg["img_size"]).to(device).train()
+    model_cfg = dict(cfg["model"])
+    name = model_cfg["name"]
+    model = create_model(**model_cfg).to(device).train()
+    img_size = tuple(model.encoder.img_size)  # the model's crop (D, H, W) as built from its config
     loss_kwargs = {"backend": cfg["backend"]} if isinstance(model, GaussianMAE) else {}
     loss_fn = pretrain_loss_for(model, **loss_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
-    images = torch.rand(cfg["batch_size"], 1, *([cfg["img_size"]] * 3), device=device)
+    images = torch.rand(cfg["batch_size"], 1, *img_size, device=device)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     phases: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "optimizer": [], "step": []}
     for step in range(cfg["warmup"] + cfg["steps"]):
@@ -78,14 +122,17 @@ def run_worker(cfg: dict) -> dict:
                 phases[key].append(1e3 * dt)
     if not torch.isfinite(loss):
         raise RuntimeError(f"{name}: non-finite loss {loss.item()}")
+    pairs = None
     if hasattr(out, "gaussians"):
         outputs = out.gaussians.num_gaussians * 11  # 3 centre + 3 scale + 4 quaternion + 1 intensity
+        pairs = splat_pairs(out, img_size, loss_fn.cutoff)
     else:
         outputs = out.pred[0].numel()
     result = {k: statistics.median(v) for k, v in phases.items()}
     result.update(
         model=name, kind=cfg["kind"], size=cfg["size"], device=device, batch_size=cfg["batch_size"],
-        img_size=cfg["img_size"], backend=cfg["backend"], outputs_per_sample=outputs,
+        img_size=img_size, backend=cfg["backend"], outputs_per_sample=outputs, model_config=model_cfg,
+        max_scale=model.init_config.get("max_scale"), splat_pairs_sample0=pairs,
         parameters=sum(p.numel() for p in model.parameters()), final_loss=float(loss),
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         rss_before_steps_mib=rss_before,
@@ -111,7 +158,7 @@ def run_config(cfg: dict, timeout: float) -> dict:
 
 def print_table(results: list[dict]) -> None:
     header = (f"{'device':6} {'size':5} {'model':10} {'step ms':>9} {'x vMAE':>7} {'fwd':>8} {'loss':>8} "
-              f"{'bwd':>8} {'opt':>7} {'peak MiB':>9} {'outputs/sample':>15}")
+              f"{'bwd':>8} {'opt':>7} {'peak MiB':>9} {'outputs/sample':>15} {'max_scale':>9} {'pairs/sample':>12}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -120,9 +167,15 @@ def print_table(results: list[dict]) -> None:
             continue
         ratio = r.get("ratio_to_vmae")
         mem = r.get("peak_cuda_mib", r["peak_rss_mib"])
+        scale = "-" if r["max_scale"] is None else f"{r['max_scale']:.2f}"
+        pairs = "-" if r["splat_pairs_sample0"] is None else f"{r['splat_pairs_sample0']:.3g}"
         print(f"{r['device']:6} {r['size']:5} {LABELS[r['kind']]:10} {r['step']:9.1f} "
               f"{'' if ratio is None else f'{ratio:6.2f}x':>7} {r['forward']:8.1f} {r['loss']:8.1f} "
-              f"{r['backward']:8.1f} {r['optimizer']:7.1f} {mem:9.0f} {r['outputs_per_sample']:15,d}")
+              f"{r['backward']:8.1f} {r['optimizer']:7.1f} {mem:9.0f} {r['outputs_per_sample']:15,d} "
+              f"{scale:>9} {pairs:>12}")
+    print("  (max_scale, and every other model argument, from recipes/conf/model/<model>.yaml; pairs/sample: "
+          "(Gaussian, voxel) pairs inside the loss's cutoff and the crop, sample 0 of the last step, Monte "
+          "Carlo estimate; the loss evaluates the hidden share of them)")
 
 
 def main() -> None:
@@ -132,7 +185,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--img-size", type=int, default=96)
+    parser.add_argument("--img-size", type=int, default=None, help="crop edge (default: the recipe's model config)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT compilation)")
     parser.add_argument("--backend", default="auto", help="splat backend for the Gaussian losses")
@@ -157,9 +210,9 @@ def main() -> None:
         for size in sizes:
             rows = []
             for kind in args.kinds:
-                cfg = dict(kind=kind, size=size, device=device, batch_size=args.batch_size,
-                           img_size=args.img_size, steps=steps, warmup=args.warmup, backend=args.backend,
-                           threads=args.threads)
+                model = recipe_model_config(f"{kind}_{size}", args.img_size)
+                cfg = dict(kind=kind, size=size, device=device, batch_size=args.batch_size, model=model,
+                           steps=steps, warmup=args.warmup, backend=args.backend, threads=args.threads)
                 rows.append(run_config(cfg, args.timeout))
                 print(f"  done {device} {size} {kind}", file=sys.stderr, flush=True)
             vmae = next((r for r in rows if r["kind"] == "vmae" and "error" not in r), None)
@@ -167,7 +220,9 @@ def main() -> None:
                 if vmae is not None and "error" not in r:
                     r["ratio_to_vmae"] = r["step"] / vmae["step"]
             results.extend(rows)
-    print(f"\npretrain step (forward+loss+backward+AdamW), batch {args.batch_size}, {args.img_size}^3, "
+    crops = sorted({tuple(r["img_size"]) for r in results if "error" not in r})
+    crop = ", ".join("x".join(map(str, c)) for c in crops) or "-"
+    print(f"\npretrain step (forward+loss+backward+AdamW), batch {args.batch_size}, crop {crop}, "
           f"median of {steps} steps, times in ms; splat backend {args.backend!r}; "
           f"{os.cpu_count()} CPU cores, threads {args.threads or 'default'}, "
           f"load average {os.getloadavg()[0]:.1f}")

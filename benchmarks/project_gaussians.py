@@ -2,11 +2,12 @@
 
 Gaussians fill a 256 mm cube like a trained CT representation (spacing ~ edge / N^(1/3), scales 0.3-0.9
 of the spacing, random rotations), seen by a 256^2 detector (dso 1000 mm, dsd 1500 mm) that covers the
-cube. Each backend is timed in the same run (median of ``--repeats`` after a warm-up that also compiles
-numba; the dense torch reference, with nothing to compile, is timed once by default); ratios are to
-the torch reference where it ran. The reference evaluates every
-(ray, Gaussian) pair, so it is skipped above ``--torch-max-n`` Gaussians (its time grows as N x rays).
-Triton runs only on CUDA (its CPU interpreter is for tests, not timing).
+cube. Every backend, the dense torch reference included, is timed the same way in the same run: one
+warm-up call (numba compilation, Triton autotuning, torch's first-call allocations), then the median of
+``--repeats`` timed calls (``--torch-repeats`` for the reference, default the same count: fewer samples
+of a slow row, same statistic); ratios are to the torch reference where it ran. The reference
+evaluates every (ray, Gaussian) pair, so it is skipped above ``--torch-max-n`` Gaussians (its time
+grows as N x rays). Triton runs only on CUDA (its CPU interpreter is for tests, not timing).
 
     python benchmarks/project_gaussians.py            # 4k / 32k / 128k Gaussians, 256^2
     python benchmarks/project_gaussians.py --quick    # 512 / 2k Gaussians, 64^2
@@ -30,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from medgauss.dispatch import available_backends  # noqa: E402
 from medgauss.gaussians import Gaussians  # noqa: E402
 from medgauss.geometry import ConeBeamGeometry  # noqa: E402
-from medgauss.render.dispatch import available_backends  # noqa: E402
 from medgauss.render.xray import project  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "project_gaussians.json"
@@ -61,8 +62,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int, warmup: bool = True) -> float:
-    """Median seconds of ``mode`` ("fwd" or "fwd+bwd"), after one warm-up call if ``warmup``."""
+def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``mode`` ("fwd" or "fwd+bwd"), after one untimed warm-up call."""
     grad = mode == "fwd+bwd"
     params = [t.clone().requires_grad_(grad) for t in (g.means, g.scales, g.quats, g.intensities)]
     cot = torch.randn(1, 1, *geo.det_shape, device=g.device)
@@ -76,8 +77,9 @@ def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int, warmu
             out = project(gg, geo, backend=backend)
             torch.autograd.grad((out * cot).sum(), params)
 
-    if warmup:
-        once()
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    once()
     times = []
     for _ in range(repeats):
         _sync(g.device)
@@ -90,19 +92,21 @@ def time_backend(g: Gaussians, geo, backend: str, mode: str, repeats: int, warmu
 
 def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = None,
         repeats: int | None = None, torch_max_n: int | None = None,
-        backends: list[str] | None = None, torch_repeats: int = 1,
+        backends: list[str] | None = None, torch_repeats: int | None = None,
         on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
     """Time every backend; one row per (N, backend, mode) with ``seconds`` and ``ratio_to_torch``.
 
     Args:
-        quick: small sizes (512 / 2k Gaussians, 64^2 detector, 1 repeat).
+        quick: small sizes (512 / 2k Gaussians, 64^2 detector).
         sizes, det, repeats, torch_max_n, backends: override the defaults of the chosen mode.
-        torch_repeats: timed calls of the dense reference (no warm-up: nothing to compile).
+        torch_repeats: timed calls of the dense reference (``None``: ``repeats``); like every backend, it
+            gets one warm-up call first.
         on_row: called with the rows so far after each measurement (e.g. to save partial results).
     """
     sizes = sizes or ([512, 2048] if quick else [4096, 32768, 131072])
     det = det or (64 if quick else 256)
-    repeats = repeats or (1 if quick else 3)
+    repeats = repeats or 3
+    torch_repeats = torch_repeats or repeats
     torch_max_n = torch_max_n if torch_max_n is not None else 4096
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     names = backends or ["torch", "numba", "triton"]
@@ -122,8 +126,8 @@ def run(quick: bool = False, sizes: list[int] | None = None, det: int | None = N
                     row["note"] = "unavailable on this machine"
                 elif name == "torch" and n > torch_max_n:
                     row["note"] = f"skipped: dense reference above --torch-max-n={torch_max_n}"
-                elif name == "torch":  # nothing to compile; one call (it is slow by design)
-                    row["seconds"] = ref = time_backend(g, geo, name, mode, torch_repeats, warmup=False)
+                elif name == "torch":
+                    row["seconds"] = ref = time_backend(g, geo, name, mode, torch_repeats)
                 else:
                     row["seconds"] = time_backend(g, geo, name, mode, repeats)
                 if row["seconds"] is not None and ref is not None:
@@ -152,10 +156,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--sizes", type=int, nargs="+", help="numbers of Gaussians")
     parser.add_argument("--det", type=int, help="detector rows = cols")
-    parser.add_argument("--repeats", type=int, help="timed repeats per measurement (median)")
+    parser.add_argument("--repeats", type=int, help="timed repeats per measurement, after a warm-up (median; 3)")
     parser.add_argument("--torch-max-n", type=int, help="largest N for the dense torch reference")
     parser.add_argument("--backends", nargs="+", choices=["torch", "numba", "triton"])
-    parser.add_argument("--torch-repeats", type=int, default=1, help="timed calls of the dense reference")
+    parser.add_argument("--torch-repeats", type=int, default=None,
+                        help="timed calls of the dense reference, after a warm-up (median; default --repeats)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="JSON output path")
     args = parser.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,12 @@
 """Benchmark the CT physics stack on the example chest CT, all rows measured in the same run.
 
+The CT is the one shipped inside the package (``medgauss.data.example_ct_path()``: 3 mm, 120 x 97 x 110
+voxels), so the commands below work from a fresh clone; ``--ct`` takes any other NIfTI CT in HU.
+Every provider of a section is timed the same way: one untimed warm-up call on the same inputs (numba
+compilation, torch's first-call allocations, DiffDRR's set-up), then the median of ``--repeats`` timed
+calls in the forward section, one timed call per reconstruction (after a warm-up of each method on 2
+views with one iteration, which compiles the same kernels).
+
 1. Forward projection of the example CT (HU clipped to [-1000, 2000] and normalised to [0, 1], as in
    ``python -m medgauss.ct.prepare``) at 128^3 and 256^3 over a 400 mm FOV, to 50 cone-beam views of
    256^2 (dso 1000 mm, dsd 1500 mm): numba vs torch backend, and a peer DRR renderer, DiffDRR 0.6.1
@@ -25,9 +32,12 @@ import importlib.util
 import inspect
 import json
 import os
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numba
@@ -39,15 +49,16 @@ sys.path.insert(0, str(ROOT))
 
 from medgauss.ct import ProjectionNoise, add_noise, asd_pocs, fdk, forward_project, sart  # noqa: E402
 from medgauss.ct.prepare import PrepareConfig, resample_to_grid  # noqa: E402
+from medgauss.data import example_ct_path  # noqa: E402
 from medgauss.geometry import ConeBeamGeometry  # noqa: E402
 from medgauss.metrics import psnr, ssim_slices  # noqa: E402
 
-EXAMPLE_CT = ROOT.parent / "shared" / "data" / "example_ct" / "ct.nii.gz"
-
 
 def load_ct(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """HU array ``[I, J, K]`` (float32, in the file's voxel order) and its ``[4, 4]`` voxel-to-world affine (mm)."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"example CT not found: {path}")
+        raise FileNotFoundError(f"CT not found: {path}")
     img = nib.load(str(path))
     return np.asarray(img.get_fdata(dtype=np.float32)), np.asarray(img.affine)
 
@@ -58,10 +69,17 @@ def normalised_volume(data: np.ndarray, affine: np.ndarray, config: PrepareConfi
     return ((hu.clamp(config.hu_min, config.hu_max) - config.hu_min) / (config.hu_max - config.hu_min))[None, None]
 
 
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
+def timed(fn: Callable[..., Any], *args: Any, repeats: int = 1, **kwargs: Any) -> tuple[Any, float]:
+    """``(output, median seconds)`` of ``repeats`` calls of ``fn(*args, **kwargs)`` after one untimed warm-up."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        times.append(time.perf_counter() - start)
+    return out, statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- peer: DiffDRR
@@ -108,8 +126,7 @@ def bench_forward(data, affine, args) -> list[dict]:
         geo = cfg.geometry()
         vol = normalised_volume(data, affine, cfg)
         label = f"{grid}^3 -> {args.views}x{args.det}^2"
-        forward_project(vol[..., :4, :4, :4].contiguous(), geo.replace(vol_shape=(4, 4, 4)), backend="numba")
-        ref, t_numba = timed(forward_project, vol, geo, backend="numba")
+        ref, t_numba = timed(forward_project, vol, geo, backend="numba", repeats=args.repeats)
         per_view = t_numba / geo.num_views
         rows.append(
             dict(
@@ -124,7 +141,7 @@ def bench_forward(data, affine, args) -> list[dict]:
             )
         )
         sub = geo.subset(range(min(args.torch_views, geo.num_views)))
-        out, t = timed(forward_project, vol, sub, backend="torch")
+        out, t = timed(forward_project, vol, sub, backend="torch", repeats=args.repeats)
         rows.append(
             dict(
                 section="forward",
@@ -139,7 +156,7 @@ def bench_forward(data, affine, args) -> list[dict]:
         )
         if have_peer:
             sub = geo.subset(range(min(args.peer_views, geo.num_views)))
-            out, t = timed(diffdrr_project, vol, sub)
+            out, t = timed(diffdrr_project, vol, sub, repeats=args.repeats)
             peer = dict(
                 section="forward",
                 case=label,
@@ -170,15 +187,23 @@ def bench_recon(data, affine, args) -> list[dict]:
         clean = forward_project(normalised_volume(data, affine, fine), geo_fine)
         noisy = add_noise(clean, ProjectionNoise(photons=1e5), seed=n, scale=fine.attenuation_scale)
         geo = coarse.geometry().subset(ids)
+        # name -> (method(projections, geometry, iterations, tv_iterations), iterations, tv_iterations)
         methods = {
-            "FDK (ram-lak)": lambda p, g: fdk(p, g),
-            f"SART ({args.sart_iters} it)": lambda p, g: sart(p, g, iterations=args.sart_iters, progress=False),
-            f"ASD-POCS ({args.asd_iters} it x {args.tv_iters} TV)": lambda p, g: asd_pocs(
-                p, g, iterations=args.asd_iters, tv_iterations=args.tv_iters, progress=False
+            "FDK (ram-lak)": (lambda p, g, it, tv: fdk(p, g), 0, 0),
+            f"SART ({args.sart_iters} it)": (
+                lambda p, g, it, tv: sart(p, g, iterations=it, progress=False), args.sart_iters, 0
+            ),
+            f"ASD-POCS ({args.asd_iters} it x {args.tv_iters} TV)": (
+                lambda p, g, it, tv: asd_pocs(p, g, iterations=it, tv_iterations=tv, progress=False),
+                args.asd_iters,
+                args.tv_iters,
             ),
         }
-        for name, method in methods.items():
-            rec, t = timed(method, noisy, geo)
+        for name, (method, iterations, tv_iterations) in methods.items():
+            method(noisy[:, :2], geo.subset(range(2)), 1, 1)  # warm-up: the same kernels, 2 views, 1 iteration
+            start = time.perf_counter()
+            rec = method(noisy, geo, iterations, tv_iterations)
+            t = time.perf_counter() - start
             rec = rec.clamp(0, 1)
             rows.append(
                 dict(
@@ -266,6 +291,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--asd-iters", type=int, default=None)
     p.add_argument("--tv-iters", type=int, default=None)
     p.add_argument("--skip-gaussians", action="store_true")
+    p.add_argument("--ct", type=Path, default=None,
+                   help="NIfTI CT in HU (default: the example CT shipped in the package)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls per forward-projection row, after a warm-up (median; default 3, 1 in --quick)")
     p.add_argument(
         "--gaussian-torch-max-n",
         type=int,
@@ -287,6 +316,8 @@ def parse(argv=None) -> argparse.Namespace:
         sart_iters=3 if quick else 20,
         asd_iters=3 if quick else 10,
         tv_iters=5 if quick else 10,
+        repeats=1 if quick else 3,
+        ct=example_ct_path(),
     )
     if args.gaussian_torch_max_n is None and not quick:
         args.gaussian_torch_max_n = 0
@@ -298,7 +329,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse(argv)
-    data, affine = load_ct(EXAMPLE_CT)
+    data, affine = load_ct(args.ct)
     meta = dict(
         quick=args.quick,
         torch_threads=torch.get_num_threads(),

@@ -4,16 +4,19 @@ Rows: backend x N x volume edge x Gaussian size (small sigma ~2 voxels, medium ~
 ~0.2 of the edge). Columns: forward ms, forward+backward ms, evaluated (Gaussian, voxel) pairs per
 second (pairs inside the cutoff ellipsoid and the volume, estimated by Monte Carlo per Gaussian),
 peak extra memory, and ratios to the torch reference measured in the same run (where the reference
-is affordable: it evaluates every pair, so rows above --torch-max-pairs skip it). Times are medians
-over --repeat calls; backends other than torch are timed after a warm-up call and without memory
-tracing (their memory is measured on one more call). The machine's ceiling, torch.exp elements per
+is affordable: it evaluates every pair, so rows above --torch-max-pairs skip it). Every row, the
+torch reference included, is measured the same way (``bench_row``): one warm-up forward and one
+warm-up forward+backward (numba compilation or cache loading, Triton autotuning, torch's first-call
+allocations), then the median over up to --repeat timed calls (fewer when the calls of a slow row
+exceed the time budget: same statistic, fewer samples), timed without memory tracing, and last the
+peak memory on one more call of each under the tracer. The machine's ceiling, torch.exp elements per
 second on a large float32 tensor, is measured in the same run by the same statistic: once at the
 start (printed, with its best call) and, for each row's /exp column, in calls alternating with the
 row's forward calls (a shared machine's speed changes from second to second: on the 2-vCPU VM this
 was written on, compute-bound code gains anywhere from nothing to all of the second core, in streaks
 of seconds, while torch.exp always gains ~1.9x; only alternating calls see the same machine).
 
-    python benchmarks/splat.py --quick          # a few rows, ~2 minutes on 2 cores
+    python benchmarks/splat.py --quick          # a few rows, ~10 minutes on 2 busy cores (the torch rows)
     python benchmarks/splat.py                  # the full grid of the foundation issue
     python benchmarks/splat.py --device cuda    # GPU rows (triton vs torch)
     NUMBA_NUM_THREADS=1 OMP_NUM_THREADS=1 python benchmarks/splat.py ...   # per-core figures
@@ -172,7 +175,11 @@ def time_call(fn, device: str, repeat: int, budget_s: float = 3.0, ceiling: ExpC
 
 def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str, repeat: int,
               ceiling: ExpCeiling) -> dict:
-    """Times and memory of one row; the forward calls alternate with ``ceiling``'s exp calls."""
+    """Times and memory of one row, measured the same way for every backend (module docstring).
+
+    The timed forward calls alternate with ``ceiling``'s exp calls. Returns times in ms and peak extra
+    memory in MiB.
+    """
     shape = (edge, edge, edge)
     leaves = [t.detach().clone().requires_grad_() for t in (g.means, g.scales, g.quats, g.intensities)]
 
@@ -184,23 +191,18 @@ def bench_row(backend: str, g: Gaussians, edge: int, cutoff: float, device: str,
         out = splat(Gaussians(*leaves, validate=False), shape, cutoff=cutoff, backend=backend)
         out.backward(torch.ones_like(out))
 
-    if backend == "torch":  # nothing to warm up, and minutes per call at the largest sizes: one set of calls
-        with PeakMemory(device) as mem_f:
-            fwd, rate = time_call(forward, device, repeat, ceiling=ceiling)
-        with PeakMemory(device) as mem_fb:
-            fb = time_call(forward_backward, device, repeat)[0]
-    else:
-        # Warm-up (numba compilation or cache loading, Triton autotuning) outside every measurement; times
-        # without tracemalloc and the sampling thread, which slow the Python glue; then memory on one call.
+    # The same sequence for every backend, the torch reference included. Warm-up outside every measurement;
+    # times without tracemalloc and the RSS-sampling thread (they slow the Python glue and torch's
+    # allocations); then memory, in a separate pass of one call each.
+    forward()
+    forward_backward()
+    sync(device)
+    fwd, rate = time_call(forward, device, repeat, ceiling=ceiling)
+    fb = time_call(forward_backward, device, repeat)[0]
+    with PeakMemory(device) as mem_f:
         forward()
+    with PeakMemory(device) as mem_fb:
         forward_backward()
-        sync(device)
-        fwd, rate = time_call(forward, device, repeat, ceiling=ceiling)
-        fb = time_call(forward_backward, device, repeat)[0]
-        with PeakMemory(device) as mem_f:
-            forward()
-        with PeakMemory(device) as mem_fb:
-            forward_backward()
     return {"fwd_ms": fwd, "fwd_bwd_ms": fb, "exp_elements_per_s": rate, "peak_fwd_mib": mem_f.peak_mib,
             "peak_fwd_bwd_mib": mem_fb.peak_mib, "traced_fwd_bwd_mib": mem_fb.traced_mib,
             "rss_fwd_bwd_mib": mem_fb.rss_mib}

@@ -3,14 +3,22 @@
 Run (no arguments: ``gmae_tiny`` on the bundled chest CT, 96^3 crops, a few minutes on a CPU)::
 
     accelerate launch recipes/medgmae_pretrain.py
-    accelerate launch --cpu --num_processes 2 recipes/medgmae_pretrain.py trainer.max_steps=20
+    accelerate launch --multi_gpu --num_processes 2 recipes/medgmae_pretrain.py trainer.max_steps=20
+    torchrun --nproc_per_node 2 recipes/medgmae_pretrain.py trainer.max_steps=20   # the same, via torchrun
     python recipes/medgmae_pretrain.py model=gmae_star_tiny data=phantom trainer.batch_size=1
     python recipes/medgmae_pretrain.py trainer.run_dir=runs/x trainer.resume=latest   # continue a run
 
+Two processes on a CPU-only machine: ``--multi_gpu`` (Accelerate then forms a gloo group on the CPU) or
+``torchrun``; ``accelerate launch --cpu --num_processes 2`` starts ONE process (Accelerate 1.x's simple
+launcher), which the engine flags with a warning.
+
 Config groups live in ``recipes/conf`` (model, data, optim, trainer); their keys are the arguments of
 ``create_model``, the datalist builder + ``build_pretrain_dataset``, ``build_optimizer`` and
-``PretrainEngine``. Outputs go to ``trainer.run_dir``: ``config.yaml`` (resolved), ``checkpoints/``,
-``tensorboard/``, ``panels/`` and the final ``model/`` export (``save_pretrained``).
+``PretrainEngine``. Outputs go to ``trainer.run_dir``: ``config.yaml`` (resolved, written when the run
+starts at step 0 and kept as is by every resume), ``config.resume-<k>.yaml`` + ``resumes.yaml`` (one per
+resume: its configuration, time, step, overrides and the keys it changed; see
+``PretrainEngine.save_config``), ``checkpoints/``, ``tensorboard/``, ``panels/`` and the final ``model/``
+export (``save_pretrained``).
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script from a source checkout: make `medgauss` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from collections.abc import Sequence  # noqa: E402
+
 import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
@@ -31,27 +42,33 @@ from medgauss.losses import pretrain_loss_for  # noqa: E402
 from medgauss.nets import create_model  # noqa: E402
 
 
-def run(cfg: DictConfig) -> TrainResult:
-    """Build every object from ``cfg`` and train; returns the engine's :class:`TrainResult`."""
+def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
+    """Build every object from ``cfg`` and train; returns the engine's :class:`TrainResult`.
+
+    ``overrides`` (the command line's, when known) are recorded with a resume (``resumes.yaml``).
+    """
     engine = PretrainEngine(**cfg.trainer)
     # Interpolations of trainer.run_dir (e.g. data.datalist.out_dir) must see the one shared directory.
     cfg.trainer.run_dir = str(engine.run_dir)
-    if engine.is_main_process:
-        (engine.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        engine.print(f"run dir: {engine.run_dir}  (world size {engine.accelerator.num_processes})")
+    written = engine.save_config(OmegaConf.to_container(cfg, resolve=True), overrides)
+    engine.print(f"run dir: {engine.run_dir}  (world size {engine.accelerator.num_processes}); config: {written.name}")
 
     model = create_model(**cfg.model)
     loss_fn = pretrain_loss_for(model)
     with engine.accelerator.main_process_first():  # rank 0 writes generated data (phantoms) first
         datalist = instantiate(cfg.data.datalist)
-        dataset = build_pretrain_dataset(datalist, **cfg.data.dataset)
+    # Every rank preprocesses only its shard, in parallel (the on-disk cache is safe under races).
+    acc = engine.accelerator
+    dataset = build_pretrain_dataset(
+        datalist, rank=acc.process_index, world_size=acc.num_processes, **cfg.data.dataset
+    )
     optimizer, scheduler = build_optimizer(model, max_steps=cfg.trainer.max_steps, **cfg.optim)
     return engine.fit(model, loss_fn, dataset, optimizer, scheduler)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="medgmae_pretrain")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, overrides=list(HydraConfig.get().overrides.task))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
-__all__ = ["TRAINER_STATE_FILE", "CheckpointManager"]
+__all__ = ["TRAINER_STATE_FILE", "CheckpointManager", "write_atomic"]
 
 TRAINER_STATE_FILE = "trainer_state.json"
 _TMP_PREFIX = ".tmp-"
@@ -35,7 +35,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a synced temp file and a rename: readers see the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
@@ -124,12 +125,12 @@ class CheckpointManager:
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _write_atomic(tmp / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=1))
+            write_atomic(tmp / TRAINER_STATE_FILE, json.dumps(trainer_state, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            _write_atomic(self.latest_pointer, final.name)
+            write_atomic(self.latest_pointer, final.name)
             self._prune(keep=final)
         accelerator.wait_for_everyone()
         return final

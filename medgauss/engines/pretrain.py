@@ -7,9 +7,14 @@ Usage (what ``recipes/medgmae_pretrain.py`` does)::
     optimizer, scheduler = build_optimizer(model, max_steps=300)
     result = engine.fit(model, pretrain_loss_for(model), dataset, optimizer, scheduler)
 
-Data order is a pure function of (data seed, global sample id) (see :mod:`medgauss.data.dataset`), and
+Data order is a pure function of (data seed, world size, global sample id) (see :mod:`medgauss.data.dataset`), and
 the model's own randomness (masking, drop path) comes from the torch RNG that the checkpoint restores,
 so ``resume`` continues with exactly the losses an uninterrupted run would have produced.
+
+The run's configuration (:meth:`PretrainEngine.save_config`): ``config.yaml`` is written when the run
+starts from step 0 and never rewritten by a resume; resume ``k`` writes ``config.resume-<k>.yaml`` (the
+configuration of that call) and appends ``{resume, time, step, from_checkpoint, config, overrides,
+changed}`` to ``resumes.yaml``.
 """
 
 from __future__ import annotations
@@ -19,23 +24,56 @@ import json
 import os
 import time
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from medgauss.data.dataset import PretrainCropDataset, ShardedSampleSampler
-from medgauss.engines.checkpoint import CheckpointManager
+from medgauss.data import PretrainCropDataset, ShardedSampleSampler
+from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager, write_atomic
 from medgauss.engines.panels import panel_from_output, save_slice_panel
 
-__all__ = ["PretrainEngine", "TrainResult", "loss_summary"]
+__all__ = ["CONFIG_FILE", "RESUMES_FILE", "PretrainEngine", "TrainResult", "config_changes", "loss_summary"]
 
 _MIXED_PRECISION = ("no", "bf16", "fp16")
+CONFIG_FILE = "config.yaml"
+RESUMES_FILE = "resumes.yaml"
+_RESUME_CONFIG = "config.resume-{}.yaml"
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Dotted keys whose values differ between two nested configurations.
+
+    Returns:
+        ``{"trainer.max_steps": {"before": 10, "after": 20}, ...}``, sorted by key; a key present on one
+        side only has ``None`` on the other.
+    """
+    old, new = _flatten(before), _flatten(after)
+    return {
+        key: {"before": old.get(key), "after": new.get(key)}
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key) or (key in old) != (key in new)
+    }
 
 
 @dataclass
@@ -180,6 +218,8 @@ class PretrainEngine:
         set_seed(seed, device_specific=True)
         self.run_dir = self._shared_run_dir(run_dir)
         self.checkpoints = CheckpointManager(self.run_dir, keep_last=keep_checkpoints)
+        self._resume_checkpoint: Path | None = None
+        self._resume_resolved = False
 
     # ------------------------------------------------------------------ setup
     def _shared_run_dir(self, run_dir: str | Path) -> Path:
@@ -196,6 +236,82 @@ class PretrainEngine:
     def is_main_process(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def resume_checkpoint(self) -> Path | None:
+        """The checkpoint this engine resumes from (``None``: the run starts at step 0).
+
+        Resolved from ``resume`` on first use (:meth:`CheckpointManager.resolve`) and then fixed, so
+        :meth:`save_config` and :meth:`fit` agree.
+
+        Raises:
+            FileNotFoundError: ``resume`` names no complete checkpoint (see :meth:`CheckpointManager.resolve`).
+        """
+        if not self._resume_resolved:
+            self._resume_checkpoint = self.checkpoints.resolve(self.resume)
+            self._resume_resolved = True
+        return self._resume_checkpoint
+
+    def save_config(self, config: Mapping[str, Any], overrides: Sequence[str] | None = None) -> Path:
+        """Record this call's configuration in the run directory (collective: every rank calls it; the main
+        process writes).
+
+        A run starting at step 0 writes ``config.yaml`` (replacing the file, and the resume records, of a
+        run previously started in this directory). A resumed run leaves ``config.yaml`` as the run's
+        start wrote it, writes ``config.resume-<k>.yaml`` (``k`` = 1, 2, ... in resume order) and appends
+        to ``resumes.yaml`` an entry ``{resume: k, time (UTC, ISO 8601), step (of the checkpoint),
+        from_checkpoint, config, overrides, changed}``, where ``changed`` lists the dotted keys whose values
+        differ from ``config.yaml`` (:func:`config_changes`; ``None`` when there is no ``config.yaml``).
+
+        Args:
+            config: nested mapping of plain values (e.g. ``OmegaConf.to_container(cfg, resolve=True)``).
+            overrides: the command-line overrides of this call, recorded as given (``None``: unknown).
+
+        Returns:
+            The file written: ``config.yaml`` or ``config.resume-<k>.yaml``.
+
+        Raises:
+            ValueError: ``config`` is not a mapping, or holds values that are not plain (e.g. a ``Path``).
+        """
+        if not isinstance(config, Mapping):
+            raise ValueError(f"config must be a mapping, got {type(config).__name__}")
+        try:  # plain dicts / lists / scalars from here on (no OmegaConf containers, no tuples)
+            config = json.loads(json.dumps(config))
+        except TypeError as err:
+            raise ValueError(f"config must hold plain values (mappings, lists, str, numbers, None): {err}") from err
+        text = yaml.safe_dump(config, sort_keys=False)
+        original = self.run_dir / CONFIG_FILE
+        resumes = self.run_dir / RESUMES_FILE
+        checkpoint = self.resume_checkpoint
+        acc = self.accelerator
+        if checkpoint is None:
+            if acc.is_main_process:
+                for stale in [resumes, *self.run_dir.glob(_RESUME_CONFIG.format("*"))]:
+                    stale.unlink(missing_ok=True)
+                write_atomic(original, text)
+            acc.wait_for_everyone()
+            return original
+        records = (yaml.safe_load(resumes.read_text()) or []) if resumes.is_file() else []
+        path = self.run_dir / _RESUME_CONFIG.format(len(records) + 1)
+        acc.wait_for_everyone()  # every rank has read the records before the main process appends
+        if acc.is_main_process:
+            state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+            before = yaml.safe_load(original.read_text()) if original.is_file() else None
+            records.append(
+                {
+                    "resume": len(records) + 1,
+                    "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "step": int(state["step"]),
+                    "from_checkpoint": os.path.relpath(checkpoint, self.run_dir),
+                    "config": path.name,
+                    "overrides": None if overrides is None else [str(o) for o in overrides],
+                    "changed": None if before is None else config_changes(before, config),
+                }
+            )
+            write_atomic(path, text)
+            write_atomic(resumes, yaml.safe_dump(records, sort_keys=False))
+        acc.wait_for_everyone()
+        return path
+
     def print(self, message: str) -> None:
         """Print on the main process only (through tqdm so the bar stays intact)."""
         if self.is_main_process:
@@ -203,6 +319,14 @@ class PretrainEngine:
 
     def _loader(self, dataset: PretrainCropDataset, start_sample: int) -> DataLoader:
         acc = self.accelerator
+        shard = (getattr(dataset, "rank", 0), getattr(dataset, "world_size", 1))
+        if shard[1] > 1 and shard != (acc.process_index, acc.num_processes):
+            raise ValueError(
+                f"the dataset was sharded for rank {shard[0]} of {shard[1]}, but this process is rank "
+                f"{acc.process_index} of {acc.num_processes}: build it after the engine (its rank then comes "
+                "from torch.distributed) or pass rank=engine.accelerator.process_index, "
+                "world_size=engine.accelerator.num_processes"
+            )
         sampler = ShardedSampleSampler(acc.process_index, acc.num_processes, start=start_sample)
         return DataLoader(
             dataset,
@@ -244,7 +368,7 @@ class PretrainEngine:
         raw_model = acc.unwrap_model(model)
 
         state = {"step": 0, "samples_per_rank": 0, "losses": [], "world_size": acc.num_processes}
-        resumed_from = self.checkpoints.resolve(self.resume)
+        resumed_from = self.resume_checkpoint
         if resumed_from is not None:
             state = CheckpointManager.load(acc, resumed_from)
             if state["world_size"] != acc.num_processes:

@@ -10,17 +10,24 @@ large      1536 / 12 / 16 / 6144                  528 / 8 / 16                  
 
 ``gmae_*`` = MedGMAE, ``gmae_star_*`` = MedGMAE* (children per level-0 Gaussian: 2 at level 1,
 4 at level 2), ``vmae_*`` = voxel-MAE baseline with the same encoder and decoder trunk.
+
+Every factory takes keyword overrides of its constructor's arguments; a name that is no argument of the
+constructor raises ``ValueError`` naming it, before the constructor runs, so that any error raised
+inside the constructor is the constructor's own.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
+
+from torch import nn
 
 from medgauss.nets.gaussian_mae import GaussianMAE
 from medgauss.nets.registry import register_model
 from medgauss.nets.voxel_mae import VoxelMAE
 
-__all__ = ["SIZES", "STAR_CHILDREN"]
+__all__ = ["SIZES", "STAR_CHILDREN", "check_overrides"]
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=192, num_layers=6, num_heads=3, mlp_dim=768,
@@ -34,11 +41,27 @@ QUERIES = {"tiny": 128, "base": 512, "large": 512}
 STAR_CHILDREN = (2, 4)
 
 
+def check_overrides(cls: type[nn.Module], overrides: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming every key of ``overrides`` that is no keyword argument of ``cls``."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    unknown = sorted(set(overrides) - accepted)
+    if unknown:
+        raise ValueError(
+            f"invalid overrides {unknown}: no keyword argument of {cls.__name__} has that name "
+            f"(accepted: {sorted(accepted)})"
+        )
+
+
 def _gmae(size: str, overrides: dict[str, Any], **extra: Any) -> GaussianMAE:
+    check_overrides(GaussianMAE, overrides)
     return GaussianMAE(**{**SIZES[size], "num_queries": QUERIES[size], **extra, **overrides})
 
 
 def _vmae(size: str, overrides: dict[str, Any]) -> VoxelMAE:
+    check_overrides(VoxelMAE, overrides)
     return VoxelMAE(**{**SIZES[size], **overrides})
 
 

@@ -1,5 +1,6 @@
 """PretrainEngine mechanics with a tiny contract-following model: exact resume, crash-safe checkpoints,
-gradient accumulation, outputs (panels, TensorBoard, export), run-dir and argument checks."""
+gradient accumulation, outputs (panels, TensorBoard, export), run-dir and argument checks, and the run's
+configuration record across resumes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ import json
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 
 from medgauss.engines import TRAINER_STATE_FILE, CheckpointManager, PretrainEngine, build_optimizer
+from medgauss.engines.pretrain import config_changes
 from tests.engines.tiny_mae import TinyMAE, TinyMaskedLoss
 
 
@@ -163,3 +166,67 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_dataset):
     result, model = _train(tmp_path / "bf16", tiny_dataset, max_steps=2, mixed_precision="bf16")
     assert len(result.losses) == 2 and all(0.0 < v < 10.0 for v in result.losses)
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in model.parameters())  # fp32 master
+
+
+def test_resumes_keep_the_original_config_and_are_recorded_beside_it(tmp_path, tiny_dataset):
+    run = tmp_path / "run"
+    config = {"model": {"name": "tiny", "widths": [4, 8]}, "trainer": {"max_steps": 2, "resume": None}}
+    engine = PretrainEngine(run_dir=run, max_steps=2, cpu=True)
+    assert engine.save_config(config) == run.resolve() / "config.yaml"
+    original = (run / "config.yaml").read_text()
+    assert yaml.safe_load(original) == config
+    _train(run, tiny_dataset, max_steps=2)  # a checkpoint at step 2
+
+    for k, max_steps in ((1, 3), (2, 4)):
+        later = {"model": config["model"], "trainer": {"max_steps": max_steps, "resume": "latest"}, "new": k}
+        engine = PretrainEngine(run_dir=run, max_steps=max_steps, cpu=True, resume="latest")
+        overrides = [f"trainer.max_steps={max_steps}", "trainer.resume=latest"]
+        assert engine.save_config(later, overrides) == run.resolve() / f"config.resume-{k}.yaml"
+        assert (run / "config.yaml").read_text() == original
+        assert yaml.safe_load((run / f"config.resume-{k}.yaml").read_text()) == later
+    records = yaml.safe_load((run / "resumes.yaml").read_text())
+    assert [r["resume"] for r in records] == [1, 2]
+    assert [r["config"] for r in records] == ["config.resume-1.yaml", "config.resume-2.yaml"]
+    assert all(r["step"] == 2 and r["from_checkpoint"] == "checkpoints/step_00000002" for r in records)
+    assert records[1]["overrides"] == ["trainer.max_steps=4", "trainer.resume=latest"]
+    assert records[1]["changed"] == {  # against config.yaml, not against the previous resume
+        "new": {"before": None, "after": 2},
+        "trainer.max_steps": {"before": 2, "after": 4},
+        "trainer.resume": {"before": None, "after": "latest"},
+    }
+
+    # A fresh start in the same directory is a new run: its config replaces the old one and its records.
+    PretrainEngine(run_dir=run, max_steps=1, cpu=True).save_config({"fresh": True})
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {"fresh": True}
+    assert not (run / "resumes.yaml").exists() and not list(run.glob("config.resume-*.yaml"))
+
+
+def test_resume_without_an_original_config_is_still_recorded(tmp_path, tiny_dataset):
+    _train(tmp_path / "run", tiny_dataset, max_steps=1)  # engine used without save_config
+    engine = PretrainEngine(run_dir=tmp_path / "run", max_steps=2, cpu=True, resume="latest")
+    engine.save_config({"a": 1})
+    (record,) = yaml.safe_load((tmp_path / "run" / "resumes.yaml").read_text())
+    assert record["changed"] is None and record["overrides"] is None and record["step"] == 1
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_save_config_rejects_what_it_cannot_write(tmp_path):
+    engine = PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True)
+    with pytest.raises(ValueError, match="config must be a mapping"):
+        engine.save_config(["not", "a", "mapping"])
+    with pytest.raises(ValueError, match="plain values"):
+        engine.save_config({"path": tmp_path})
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True, resume="latest").save_config({})
+
+
+def test_config_changes_lists_dotted_keys_that_differ():
+    before = {"a": {"b": 1, "c": [1, 2], "gone": 0}, "d": None}
+    after = {"a": {"b": 1, "c": [1, 3], "added": "x"}, "d": None}
+    assert config_changes(before, after) == {
+        "a.added": {"before": None, "after": "x"},
+        "a.c": {"before": [1, 2], "after": [1, 3]},
+        "a.gone": {"before": 0, "after": None},
+    }
+    assert config_changes(after, after) == {}
+    assert config_changes({"k": None}, {}) == {"k": {"before": None, "after": None}}  # presence counts

@@ -1,5 +1,6 @@
 """One generic test over every registered model (tiny sizes), plus model-specific checks."""
 
+import functools
 import math
 
 import pytest
@@ -36,6 +37,32 @@ def test_registry_names():
         create_model("gmae_huge")
     with pytest.raises(ValueError, match="hidden_dim"):
         create_model("vmae_tiny", hidden_dim=64)
+
+
+@pytest.mark.parametrize("name", ["vmae_tiny", "gmae_tiny", "gmae_star_tiny"])
+def test_only_unknown_keywords_are_reported_as_invalid_overrides(name):
+    # num_queries is a GaussianMAE argument but not a VoxelMAE one: checked per constructor.
+    bad = {"hidden_dim": 64, "num_queries": 8} if name.startswith("vmae") else {"hidden_dim": 64, "bogus": 1}
+    with pytest.raises(ValueError, match=r"invalid overrides \[.*'hidden_dim'") as info:
+        create_model(name, **SMALL, **bad)
+    # exactly the unknown names, nothing else
+    assert str(info.value).startswith(f"invalid overrides {sorted(bad)}: no keyword argument of ")
+    model = create_model(name, **SMALL, num_layers=1, decoder_depth=1)  # known names pass through
+    assert model.registry_name == name
+
+
+@pytest.mark.parametrize("error", [TypeError, RuntimeError])
+def test_errors_raised_inside_a_constructor_propagate_unchanged(monkeypatch, error):
+    original = VoxelMAE.__init__
+
+    @functools.wraps(original)  # same signature, so the override check still sees VoxelMAE's arguments
+    def broken(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise error("bug inside the constructor")
+
+    monkeypatch.setattr(VoxelMAE, "__init__", broken)
+    with pytest.raises(error, match="bug inside the constructor"):
+        create_model("vmae_tiny", **SMALL)
 
 
 @pytest.mark.parametrize("name", list_models("*tiny"))

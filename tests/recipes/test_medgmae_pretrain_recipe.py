@@ -1,5 +1,6 @@
-"""The Hydra recipe: config keys map onto constructors, a real short run (gmae_tiny, bundled CT) with
-resume, and a 2-process ``accelerate launch`` with no accelerate config sharing one run directory."""
+"""The Hydra recipe: config keys map onto constructors, exact resume of a real run (gmae_tiny, bundled CT)
+with its configuration kept and the resume recorded, and a 2-process ``accelerate launch`` with no
+accelerate config sharing one run directory."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from accelerate.state import AcceleratorState, GradientState
 from hydra import compose, initialize_config_dir
 
 from medgauss.data import build_pretrain_dataset
 from medgauss.engines import CheckpointManager, PretrainEngine, build_optimizer
-from medgauss.nets import load_pretrained
+from medgauss.nets import GaussianMAE, VoxelMAE, list_models, load_pretrained
+from medgauss.nets.zoo import check_overrides
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "recipes" / "medgmae_pretrain.py"
@@ -60,24 +65,93 @@ def test_config_keys_are_constructor_arguments(data):
     assert set(cfg.data.datalist) - {"_target_"} <= set(inspect.signature(builder).parameters)
 
 
-def test_short_run_then_resume_continues_the_same_run(tmp_path):
-    recipe = _recipe_module()
-    run_dir = tmp_path / "run"
-    first = recipe.run(
-        _compose([*SMALL, f"trainer.run_dir={run_dir}", "trainer.max_steps=2", "trainer.checkpoint_every=1"])
-    )
-    assert len(first.losses) == 2 and all(0.0 < v < 1.0 for v in first.losses)
-    saved = (run_dir / "config.yaml").read_text()
-    assert "name: gmae_tiny" in saved and str(run_dir) in saved
-    exported = load_pretrained(run_dir / "model")
-    assert type(exported).__name__ == "GaussianMAE"
-    assert CheckpointManager(run_dir).latest().name == "step_00000002"
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_config_names_a_registered_model_and_its_arguments(model):
+    cfg = _compose([f"model={model}"]).model
+    assert cfg.name == model and cfg.name in list_models()
+    cls = GaussianMAE if model.startswith("gmae") else VoxelMAE
+    check_overrides(cls, {k: v for k, v in cfg.items() if k != "name"})  # raises on a key that is no argument
+    with pytest.raises(ValueError, match="not_an_argument"):  # (the check can fail)
+        check_overrides(cls, {"not_an_argument": 1})
+    # Both kinds of the same size share the crop and the Gaussian scale bound (compared like with like).
+    size = model.rsplit("_", 1)[1]
+    gmae, star = _compose([f"model=gmae_{size}"]).model, _compose([f"model=gmae_star_{size}"]).model
+    assert gmae.get("max_scale") == star.get("max_scale") and gmae.img_size == star.img_size == cfg.img_size
 
+
+class Interrupted(Exception):
+    """Stands in for a job killed between optimizer steps."""
+
+
+def _interrupt_after(recipe, monkeypatch, calls: int) -> None:
+    """Make the recipe's loss raise :class:`Interrupted` at call ``calls + 1`` (simulated preemption)."""
+    build = recipe.pretrain_loss_for
+
+    class StopAfter(torch.nn.Module):
+        def __init__(self, loss: torch.nn.Module) -> None:
+            super().__init__()
+            self.loss, self.left = loss, calls
+
+        def forward(self, out, images):
+            self.left -= 1
+            if self.left < 0:
+                raise Interrupted
+            return self.loss(out, images)
+
+    monkeypatch.setattr(recipe, "pretrain_loss_for", lambda model: StopAfter(build(model)))
+
+
+def _fresh_accelerate() -> None:
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    more = recipe.run(_compose([*SMALL, f"trainer.run_dir={run_dir}", "trainer.max_steps=3", "trainer.resume=latest"]))
-    assert more.resumed_from.name == "step_00000002"
-    assert more.losses[:2] == first.losses and len(more.losses) == 3
+
+
+def test_interrupted_run_resumes_exactly_and_keeps_its_original_config(tmp_path, monkeypatch):
+    """20 steps straight vs. the same run killed after step 10 and resumed: steps 11-20 and the weights agree."""
+    recipe = _recipe_module()
+    common = [*SMALL, "trainer.max_steps=20", "trainer.checkpoint_every=5", "trainer.keep_checkpoints=0"]
+    straight = recipe.run(_compose([*common, f"trainer.run_dir={tmp_path / 'a'}"]))
+    assert len(straight.losses) == 20 and all(0.0 < v < 1.0 for v in straight.losses)
+
+    run_dir = tmp_path / "b"
+    _fresh_accelerate()
+    with monkeypatch.context() as patch:
+        _interrupt_after(recipe, patch, 10)  # dies in step 11, after the step-10 checkpoint
+        with pytest.raises(Interrupted):
+            recipe.run(_compose([*common, f"trainer.run_dir={run_dir}"]))
+    assert CheckpointManager(run_dir).latest().name == "step_00000010"
+    original = (run_dir / "config.yaml").read_text()
+
+    _fresh_accelerate()
+    resume_overrides = [*common, f"trainer.run_dir={run_dir}", "trainer.resume=latest", "trainer.log_every=5"]
+    resumed = recipe.run(_compose(resume_overrides), overrides=resume_overrides)
+    assert resumed.resumed_from.name == "step_00000010"
+    assert len(resumed.losses) == 20
+    # Steps 11-20 were computed again after the restore: bitwise equal to the uninterrupted run's.
+    assert resumed.losses[10:] == straight.losses[10:]
+    assert resumed.losses[:10] == straight.losses[:10]  # restored from the checkpoint
+    weights_a = load_pretrained(tmp_path / "a" / "model").state_dict()
+    weights_b = load_pretrained(run_dir / "model").state_dict()
+    assert weights_a.keys() == weights_b.keys()
+    for name, value in weights_a.items():
+        assert torch.equal(value, weights_b[name]), name
+
+    # The run's configuration survives the resume; the resume is recorded beside it.
+    assert (run_dir / "config.yaml").read_text() == original
+    start = yaml.safe_load(original)
+    assert start["trainer"]["resume"] is None and start["trainer"]["log_every"] == 1
+    assert start["model"]["name"] == "gmae_tiny" and start["trainer"]["run_dir"] == str(run_dir)
+    again = yaml.safe_load((run_dir / "config.resume-1.yaml").read_text())
+    assert again["trainer"]["resume"] == "latest" and again["trainer"]["log_every"] == 5
+    (record,) = yaml.safe_load((run_dir / "resumes.yaml").read_text())
+    assert record["resume"] == 1 and record["step"] == 10 and record["config"] == "config.resume-1.yaml"
+    assert record["from_checkpoint"] == str(Path("checkpoints") / "step_00000010")
+    assert record["overrides"] == resume_overrides
+    assert record["changed"] == {
+        "trainer.log_every": {"before": 1, "after": 5},
+        "trainer.resume": {"before": None, "after": "latest"},
+    }
+    assert datetime.fromisoformat(record["time"]).tzinfo is not None
 
 
 def test_two_process_launch_without_accelerate_config_shares_one_run_dir(tmp_path):
