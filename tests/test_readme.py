@@ -19,3 +19,17 @@ def test_readme_tour_runs(tmp_path, monkeypatch):
     assert namespace["vals"].shape == (2, 1000)
     assert namespace["xray"].shape == (1, 50, 256, 256) and torch.isfinite(namespace["xray"]).all()
     assert torch.isfinite(namespace["loss"]) and (tmp_path / "runs" / "gmae").is_dir()
+    # the frame example: the model's Gaussians (normalised coordinates in (0, 1)) land inside the crop's world
+    # box, and the crop's box lies inside the bundled CT's (both boxes from their own affines)
+    def world_box(affine, shape):
+        affine = torch.as_tensor(affine, dtype=torch.float64)
+        corners = torch.cartesian_prod(*[torch.tensor([-0.5, n - 0.5], dtype=torch.float64) for n in shape])
+        pts = corners @ affine[:3, :3].T + affine[:3, 3]
+        return pts.amin(0), pts.amax(0)
+
+    crop_lo, crop_hi = world_box(namespace["crop"]["affine"], (96, 96, 96))
+    ct_lo, ct_hi = world_box(namespace["affine"], namespace["volume"].shape)
+    centres = namespace["g_world"].means[0].detach().double()
+    assert bool(((centres > crop_lo) & (centres < crop_hi)).all())
+    assert bool((crop_lo >= ct_lo - 1.5).all() and (crop_hi <= ct_hi + 1.5).all())
+    assert (tmp_path / "ct_copy.nii.gz").is_file()
