@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import medgauss
+from medgauss._fs import fsync_path
 from medgauss.data.transforms import DataError
 
 __all__ = ["CACHE_FORMAT", "entry_exists", "entry_name", "read_entry", "source_stat", "write_entry"]
@@ -62,13 +63,6 @@ def entry_name(entry: Mapping[str, str], files: Mapping[str, tuple[str, int, int
     stem = re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:48].lstrip(".") or "volume"
     return f"{stem}-{digest}"
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def entry_exists(folder: Path) -> bool:
@@ -115,7 +109,7 @@ def write_entry(final: Path, volume: Mapping[str, Any], meta: dict[str, Any]) ->
             if (final / _META).is_file():
                 return False
             raise
-        _fsync(final.parent)
+        fsync_path(final.parent)
         return True
     finally:
         if tmp.exists():

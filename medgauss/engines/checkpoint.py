@@ -21,18 +21,13 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from medgauss._fs import fsync_path
+
 __all__ = ["TRAINER_STATE_FILE", "CheckpointManager", "write_atomic"]
 
 TRAINER_STATE_FILE = "trainer_state.json"
 _TMP_PREFIX = ".tmp-"
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -43,7 +38,7 @@ def write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 class CheckpointManager:
@@ -129,7 +124,7 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_path(self.root)
             write_atomic(self.latest_pointer, final.name)
             self._prune(keep=final)
         accelerator.wait_for_everyone()
