@@ -68,6 +68,15 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
 
 def _ssim_map_mean(x: Tensor, y: Tensor, data_range: float, window: int, sigma: float) -> Tensor:
     """Mean SSIM of each item of ``x, y`` ``[N, 1, *spatial]`` (2D or 3D), float64 -> ``[N]``."""
+    return ssim_map(x, y, data_range, window, sigma).flatten(1).mean(dim=1)
+
+
+def ssim_map(x: Tensor, y: Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> Tensor:
+    """SSIM map of ``x, y`` ``[N, 1, *spatial]`` (2D or 3D) over the valid region, float64.
+
+    Entry ``p`` of the map is the SSIM of the window centred on voxel ``p + (size - 1) // 2`` (``size`` the
+    window, shrunk to the largest odd size that fits): the map is ``size - 1`` shorter along every axis.
+    """
     spatial = x.shape[2:]
     size = min(window, *spatial)
     size = size if size % 2 == 1 else size - 1
@@ -88,8 +97,7 @@ def _ssim_map_mean(x: Tensor, y: Tensor, data_range: float, window: int, sigma: 
     sxx = blur(x * x) - mx * mx
     syy = blur(y * y) - my * my
     sxy = blur(x * y) - mx * my
-    ssim = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return ssim.flatten(1).mean(dim=1)
+    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
 
 
 def ssim_slices(
