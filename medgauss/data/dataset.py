@@ -329,6 +329,8 @@ def build_pretrain_dataset(
     clip: bool = True,
     foreground_threshold: float = 0.0,
     foreground_margin: int = 0,
+    region: Sequence[float] | None = None,
+    region_axis: int = 0,
     pos: float = 3.0,
     neg: float = 1.0,
     flip_prob: float = 0.5,
@@ -393,6 +395,8 @@ def build_pretrain_dataset(
         "foreground_threshold": float(foreground_threshold),
         "foreground_margin": int(foreground_margin),
         "has_labels": all(labelled),
+        "region": None if region is None else [float(v) for v in region],
+        "region_axis": int(region_axis),
     }
     entries = [dict(e) for e in datalist]
     preprocess = pretrain_preprocess(**settings)

@@ -42,6 +42,7 @@ from monai.transforms import (
     RandShiftIntensityd,
     ScaleIntensityRanged,
     Spacingd,
+    SpatialCrop,
 )
 from monai.transforms.utils import map_binary_to_indices
 
@@ -54,6 +55,7 @@ __all__ = [
     "CropCentreIndicesd",
     "ClampIntensityd",
     "StoreAffined",
+    "CropRegiond",
     "AttachAffined",
     "pretrain_preprocess",
     "pretrain_augment",
@@ -122,8 +124,8 @@ class RequireMinSized(MapTransform):
             spatial = tuple(d[key].shape[1:])
             if any(s < m for s, m in zip(spatial, self.min_size)):
                 raise DataError(
-                    f"{key} file {_source_name(d, key)} is {spatial} voxels after resampling and foreground "
-                    f"cropping, smaller than the crop size {self.min_size}"
+                    f"{key} file {_source_name(d, key)} is {spatial} voxels after resampling, foreground "
+                    f"cropping and region selection, smaller than the crop size {self.min_size}"
                 )
         return d
 
@@ -190,6 +192,56 @@ class ClampIntensityd(MapTransform):
         return d
 
 
+def check_region(region: Sequence[float] | None, region_axis: int) -> tuple[float, float] | None:
+    """Validate a body region ``(start, stop)`` given as fractions in ``[0, 1]`` along ``region_axis``."""
+    if region_axis not in (0, 1, 2):
+        raise ValueError(f"region_axis must be 0 (z), 1 (y) or 2 (x), got {region_axis!r}")
+    if region is None:
+        return None
+    try:
+        start, stop = (float(v) for v in region)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"region must be two fractions (start, stop) in [0, 1], got {region!r}") from err
+    if not 0.0 <= start < stop <= 1.0:
+        raise ValueError(f"region must satisfy 0 <= start < stop <= 1 (fractions of the body's extent), "
+                         f"got {region!r}: an empty region holds no crop")
+    return start, stop
+
+
+class CropRegiond(MapTransform):
+    """Keep only a slab of the volume: fractions ``region = (start, stop)`` of its extent along ``axis``.
+
+    Splits one scan into disjoint training and held-out parts (e.g. ``(0, 0.55)`` and ``(0.55, 1)`` along z
+    for the bundled CT): slice ``[round(start n), round(stop n))``, so complementary regions share no voxel,
+    with the affine updated (MONAI tracks it).
+    Applied after the foreground crop, so the fractions are of the body's extent.
+
+    Raises:
+        DataError: the slab is empty (names the file).
+    """
+
+    def __init__(self, keys: KeysCollection, region: Sequence[float], axis: int = 0) -> None:
+        super().__init__(keys)
+        checked = check_region(region, axis)
+        assert checked is not None
+        self.region, self.axis = checked, int(axis)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        first = next(iter(self.key_iterator(d)))
+        n = int(d[first].shape[1 + self.axis])
+        lo, hi = round(self.region[0] * n), round(self.region[1] * n)
+        if hi <= lo:
+            raise DataError(f"region {self.region} of axis {self.axis} is empty for file {_source_name(d, first)} "
+                            f"({n} voxels along that axis)")
+        slices = [slice(None)] * 3
+        slices[self.axis] = slice(lo, hi)
+        crop = SpatialCrop(roi_slices=slices)
+        for key in self.key_iterator(d):
+            d[key] = crop(d[key])
+        return d
+
+
 class StoreAffined(MapTransform):
     """Copy the voxel-to-world affine that MONAI tracks on ``image_key`` into ``d["affine"]``.
 
@@ -239,6 +291,8 @@ def pretrain_preprocess(
     foreground_threshold: float = 0.0,
     foreground_margin: int = 0,
     has_labels: bool = True,
+    region: Sequence[float] | None = None,
+    region_axis: int = 0,
 ) -> Compose:
     """Deterministic part of the pipeline (cache its output once per volume).
 
@@ -250,6 +304,9 @@ def pretrain_preprocess(
             crop mask when no label exists).
         foreground_margin: voxels kept around the foreground bounding box.
         has_labels: entries carry a ``"label"`` file (resampled with nearest neighbour).
+        region, region_axis: keep only the slab ``(start, stop)`` (fractions of the body's extent) along
+            array axis ``region_axis`` (0 = z, superior-inferior) after the foreground crop
+            (:class:`CropRegiond`): disjoint regions of one scan for training and held-out evaluation.
 
     Returns:
         ``Compose``: ``{"image": path, "label": path?}`` -> ``{"image": [1, D, H, W] float32,
@@ -278,6 +335,7 @@ def pretrain_preprocess(
                 margin=foreground_margin,
                 allow_smaller=True,
             ),
+            *([CropRegiond(keys, region, region_axis)] if check_region(region, region_axis) else []),
             RequireMinSized("image", size),
             CropCentreIndicesd("image", "label", threshold=foreground_threshold),
             StoreAffined("image"),

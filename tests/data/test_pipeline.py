@@ -162,3 +162,30 @@ def test_bundled_ct_gives_96_cubed_crops():
     crop = ds[0]["image"]
     assert crop.shape == (1, 96, 96, 96) and crop.dtype == torch.float32
     assert 0.0 <= float(crop.min()) and float(crop.max()) <= 1.0 and float(crop.std()) > 0.05
+
+
+def test_regions_split_one_scan_into_disjoint_world_slabs(tmp_path):
+    hu = np.full((20, 20, 40), 40, dtype=np.int16)  # RAS file: z is the last stored axis
+    hu[:, :, 20:] = 200  # superior half brighter
+    path = _save(tmp_path / "ct.nii.gz", hu)
+    kw = dict(spatial_size=8, has_labels=False)
+    low = pretrain_preprocess(region=(0.0, 0.5), **kw)({"image": path})
+    high = pretrain_preprocess(region=(0.5, 1.0), **kw)({"image": path})
+    whole = pretrain_preprocess(**kw)({"image": path})
+    n = whole["image"].shape[1]  # z after resampling to 1.5 mm
+    assert low["image"].shape[1] + high["image"].shape[1] == n  # complementary, no shared voxel
+    torch.testing.assert_close(torch.cat([low["image"], high["image"]], dim=1), whole["image"])
+    # each part's affine places its voxels where they were in the whole scan
+    step = whole["affine"][:3, 0]  # world step of one z voxel
+    torch.testing.assert_close(high["affine"][:3, 3], whole["affine"][:3, 3] + low["image"].shape[1] * step)
+    assert float(high["image"].mean()) > float(low["image"].mean())
+
+
+def test_empty_or_too_small_regions_raise(tmp_path):
+    path = _save(tmp_path / "ct.nii.gz", np.full((20, 20, 20), 40, dtype=np.int16))
+    with pytest.raises(ValueError, match="0 <= start < stop <= 1"):
+        build_pretrain_dataset([{"image": path}], spatial_size=8, region=(0.6, 0.6))
+    with pytest.raises(ValueError, match="region_axis"):
+        build_pretrain_dataset([{"image": path}], spatial_size=8, region=(0.0, 0.5), region_axis=3)
+    with pytest.raises(DataError, match=r"ct.nii.gz is \(2, 20, 20\) voxels.*region selection.*\(8, 8, 8\)"):
+        build_pretrain_dataset([{"image": path}], spatial_size=8, region=(0.9, 1.0))
