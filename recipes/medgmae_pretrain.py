@@ -36,8 +36,13 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from medgauss.data import build_pretrain_dataset  # noqa: E402
-from medgauss.engines import PretrainEngine, TrainResult, build_optimizer  # noqa: E402
+from medgauss.data import build_pretrain_dataset, heldout_crops  # noqa: E402
+from medgauss.engines import (  # noqa: E402
+    MaskedReconstructionValidator,
+    PretrainEngine,
+    TrainResult,
+    build_optimizer,
+)
 from medgauss.losses import pretrain_loss_for  # noqa: E402
 from medgauss.nets import create_model  # noqa: E402
 
@@ -63,7 +68,22 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
         datalist, rank=acc.process_index, world_size=acc.num_processes, **cfg.data.dataset
     )
     optimizer, scheduler = build_optimizer(model, max_steps=cfg.trainer.max_steps, **cfg.optim)
-    return engine.fit(model, loss_fn, dataset, optimizer, scheduler)
+    return engine.fit(model, loss_fn, dataset, optimizer, scheduler, validator=build_validator(cfg, engine))
+
+
+def build_validator(cfg: DictConfig, engine: PretrainEngine) -> MaskedReconstructionValidator | None:
+    """Held-out validation of ``cfg.data.val`` (``None`` when the data option has none): fixed crops of
+    data that training never sees (another region of the scan, or phantoms of unseen seeds), through the
+    training pipeline without augmentation."""
+    val = cfg.data.get("val")
+    if val is None:
+        return None
+    with engine.accelerator.main_process_first():  # rank 0 writes generated data (phantoms) first
+        datalist = instantiate(val.datalist)
+    pipeline = {**OmegaConf.to_container(cfg.data.dataset, resolve=True), "region": val.region}
+    pipeline.pop("seed")  # the training data seed; held-out crops have their own
+    crops = heldout_crops(datalist, num_crops=val.num_crops, seed=val.seed, **pipeline)
+    return MaskedReconstructionValidator(crops["image"], mask_seed=val.mask_seed, fill_box=val.fill_box)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="medgmae_pretrain")

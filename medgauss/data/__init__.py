@@ -20,7 +20,13 @@ from medgauss.data.datalist import (
     nifti_folder_datalist,
     shard_datalist,
 )
-from medgauss.data.dataset import CACHE_MODES, CachedVolumeDataset, PretrainCropDataset, build_pretrain_dataset
+from medgauss.data.dataset import (
+    CACHE_MODES,
+    CachedVolumeDataset,
+    PretrainCropDataset,
+    build_pretrain_dataset,
+    heldout_crops,
+)
 from medgauss.data.phantom import PHANTOM_HU, PHANTOM_LABELS, make_ct_phantom, write_phantom_dataset
 from medgauss.data.sampling import SampleSchedule, ShardedSampleSampler, distributed_rank
 from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
@@ -38,6 +44,7 @@ __all__ = [
     "SampleSchedule",
     "ShardedSampleSampler",
     "build_pretrain_dataset",
+    "heldout_crops",
     "distributed_rank",
     "example_ct_datalist",
     "example_ct_path",

@@ -49,7 +49,7 @@ from medgauss.data.sampling import SampleSchedule, ShardedSampleSampler, check_r
 from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
 from medgauss.data.volume_cache import CACHE_FORMAT, entry_exists, entry_name, read_entry, source_stat, write_entry
 
-__all__ = ["CACHE_MODES", "CachedVolumeDataset", "PretrainCropDataset", "build_pretrain_dataset"]
+__all__ = ["CACHE_MODES", "CachedVolumeDataset", "PretrainCropDataset", "build_pretrain_dataset", "heldout_crops"]
 
 CACHE_MODES = ("memory", "disk", "none")
 _MEMORY_WARN_VOLUMES = 64  # "auto" without cache_dir warns when a rank would hold more volumes in RAM
@@ -429,3 +429,32 @@ def build_pretrain_dataset(
     return PretrainCropDataset(
         volumes, augment, samples_per_epoch=samples_per_epoch, seed=seed, rank=rank, world_size=world_size
     )
+
+
+def heldout_crops(
+    datalist: Sequence[dict[str, str]], *, num_crops: int = 12, seed: int = 123, **dataset_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Fixed evaluation crops: the pretraining pipeline without augmentation, crops fixed by ``seed``.
+
+    Args:
+        datalist: held-out volumes (e.g. phantoms with seeds never used for training), or the training
+            scan with a held-out ``region`` (``dataset_kwargs["region"]``) that training excludes.
+        num_crops: crops to draw (spread over the volumes like an epoch of :func:`build_pretrain_dataset`).
+        seed: data seed of the crop positions.
+        dataset_kwargs: the training pipeline's :func:`build_pretrain_dataset` arguments (spatial size,
+            spacing, HU window, ...); augmentation, caching and sharding arguments are overridden.
+
+    Returns:
+        ``{"image": [num_crops, 1, D, H, W] float32, "affine": [num_crops, 4, 4] float64}``.
+    """
+    if int(num_crops) != num_crops or num_crops < 1:
+        raise ValueError(f"num_crops must be a positive int, got {num_crops!r}")
+    kwargs = {
+        k: v for k, v in dataset_kwargs.items() if k not in ("cache", "cache_dir", "validate", "rank", "world_size")
+    }
+    kwargs.update(flip_prob=0.0, rot90_prob=0.0, intensity_prob=0.0, seed=seed)
+    kwargs["samples_per_volume"] = -(-int(num_crops) // len(datalist))
+    dataset = build_pretrain_dataset(datalist, cache="memory", rank=0, world_size=1, **kwargs)
+    items = [dataset[i] for i in range(int(num_crops))]
+    return {"image": torch.stack([it["image"] for it in items]), "affine": torch.stack([it["affine"] for it in items])}
+

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 import warnings
@@ -41,8 +42,19 @@ from tqdm.auto import tqdm
 from medgauss.data import PretrainCropDataset, ShardedSampleSampler
 from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager, write_atomic
 from medgauss.engines.panels import panel_from_output, save_slice_panel
+from medgauss.engines.validation import MaskedReconstructionValidator, ValidationResult
 
-__all__ = ["CONFIG_FILE", "RESUMES_FILE", "PretrainEngine", "TrainResult", "config_changes", "loss_summary"]
+__all__ = [
+    "CONFIG_FILE",
+    "RESUMES_FILE",
+    "VALIDATION_FILE",
+    "PretrainEngine",
+    "TrainResult",
+    "config_changes",
+    "loss_summary",
+]
+
+VALIDATION_FILE = "validation.jsonl"
 
 _MIXED_PRECISION = ("no", "bf16", "fp16")
 CONFIG_FILE = "config.yaml"
@@ -88,6 +100,7 @@ class TrainResult:
             ``save_pretrained``).
         wall_time_s: seconds spent in this call.
         resumed_from: checkpoint this call started from, if any.
+        validation: the last held-out validation (``None`` without a validator).
     """
 
     losses: list[float]
@@ -96,6 +109,7 @@ class TrainResult:
     wall_time_s: float
     resumed_from: Path | None = None
     summary: str = field(default="")
+    validation: ValidationResult | None = None
 
 
 def _check_world_size(num_processes: int) -> None:
@@ -164,6 +178,11 @@ class PretrainEngine:
         cpu: force CPU even when a GPU is present (always CPU when no GPU is present).
         progress: show a tqdm bar (main process only).
         tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (main process only).
+        val_every: held-out validation every this many steps and at the last step, when :meth:`fit` gets a
+            ``validator`` (``0``: only at the last step): masked-region PSNR / SSIM beside the trivial fills,
+            printed with a verdict, logged to TensorBoard (``val/*``) and appended to ``validation.jsonl``
+            with the step and the training seconds so far (learning curves by step and by wall-clock).
+            SSIM is computed at the last step only (seconds per call on a CPU); MSE and PSNR every time.
         record_samples: write ``run_dir/sample_ids_<first>-<last step>.json``: the sample ids each rank
             trained on in this call (a data-order audit, e.g. to check per-rank sharding).
     """
@@ -188,6 +207,7 @@ class PretrainEngine:
         progress: bool = True,
         tensorboard: bool = True,
         record_samples: bool = False,
+        val_every: int = 0,
     ) -> None:
         for name, value, low in (
             ("max_steps", max_steps, 1),
@@ -197,6 +217,7 @@ class PretrainEngine:
             ("num_workers", num_workers, 0),
             ("panel_every", panel_every, 0),
             ("checkpoint_every", checkpoint_every, 0),
+            ("val_every", val_every, 0),
         ):
             if int(value) != value or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -209,6 +230,7 @@ class PretrainEngine:
         self.log_every, self.panel_every, self.checkpoint_every = log_every, panel_every, checkpoint_every
         self.resume, self.progress, self.tensorboard = resume, progress, tensorboard
         self.record_samples = record_samples
+        self.val_every = val_every
         # Without a GPU, Accelerate forms a multi-process (gloo) group under torchrun / `accelerate launch
         # --multi_gpu` only when told to use the CPU; otherwise every rank would train alone.
         use_cpu = cpu or not torch.cuda.is_available()
@@ -346,6 +368,7 @@ class PretrainEngine:
         dataset: PretrainCropDataset,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
+        validator: MaskedReconstructionValidator | None = None,
     ) -> TrainResult:
         """Train to ``max_steps`` (resuming first if asked), checkpoint, and export the model.
 
@@ -356,6 +379,8 @@ class PretrainEngine:
             dataset: sample-id addressed dataset (``dataset[i]["image"]`` ``[1, D, H, W]``).
             optimizer, scheduler: from :func:`medgauss.engines.build_optimizer` (the scheduler is stepped
                 once per optimizer step and checkpointed).
+            validator: held-out validation run every ``val_every`` steps and at the last step (main
+                process; it draws no global random numbers, so resume stays exact).
 
         Returns:
             :class:`TrainResult`.
@@ -367,7 +392,8 @@ class PretrainEngine:
         acc.register_for_checkpointing(scheduler)
         raw_model = acc.unwrap_model(model)
 
-        state = {"step": 0, "samples_per_rank": 0, "losses": [], "world_size": acc.num_processes}
+        state = {"step": 0, "samples_per_rank": 0, "losses": [], "world_size": acc.num_processes,
+                 "train_seconds": 0.0}
         resumed_from = self.resume_checkpoint
         if resumed_from is not None:
             state = CheckpointManager.load(acc, resumed_from)
@@ -383,6 +409,8 @@ class PretrainEngine:
                     f"{state['max_steps']}); training now runs to max_steps={self.max_steps}"
                 )
         losses: list[float] = list(state["losses"])
+        train_seconds = float(state.get("train_seconds", 0.0))  # training time of the whole run, no validation
+        validation: ValidationResult | None = None
         step = int(state["step"])
         batches = iter(self._loader(dataset, int(state["samples_per_rank"])))
         writer = self._writer()
@@ -432,8 +460,13 @@ class PretrainEngine:
                     writer.add_scalar("train/step_time_s", time.perf_counter() - t_step, step)
                     if grad_norm is not None:
                         writer.add_scalar("train/grad_norm", float(grad_norm), step)
+            train_seconds += time.perf_counter() - t_step
             if self.panel_every and (step % self.panel_every == 0 or step == self.max_steps or step == 1):
                 self._panel(raw_model, out, images, step)
+            if validator is not None and (
+                (self.val_every and step % self.val_every == 0) or step == self.max_steps
+            ):
+                validation = self._validate(raw_model, validator, step, train_seconds, writer)
             if (self.checkpoint_every and step % self.checkpoint_every == 0) or step == self.max_steps:
                 trainer_state = {
                     "step": step,
@@ -441,6 +474,7 @@ class PretrainEngine:
                     "losses": losses,
                     "world_size": acc.num_processes,
                     "max_steps": self.max_steps,
+                    "train_seconds": train_seconds,
                 }
                 self.checkpoints.save(acc, step, trainer_state)
         bar.close()
@@ -453,9 +487,33 @@ class PretrainEngine:
         self.print(summary)
         wall = time.perf_counter() - t0
         self.print(f"wall time {wall:.1f} s; run dir {self.run_dir}")
-        return TrainResult(losses, self.run_dir, export_dir, wall, resumed_from, summary)
+        return TrainResult(losses, self.run_dir, export_dir, wall, resumed_from, summary, validation)
 
     # ------------------------------------------------------------------ outputs
+    def _validate(
+        self, model: nn.Module, validator: MaskedReconstructionValidator, step: int, train_seconds: float, writer
+    ) -> ValidationResult:
+        """Held-out validation on the main process; every rank returns the same result."""
+        acc = self.accelerator
+        result = [None]
+        if self.is_main_process:
+            with acc.autocast():
+                res = validator.evaluate(model, with_ssim=step == self.max_steps)  # SSIM is costly on CPU
+            result[0] = res
+            self.print(f"val step {step}: {res.summary()}")
+            if writer is not None:
+                for name, values in res.metrics.items():
+                    for metric, value in values.items():
+                        if not math.isnan(value):
+                            writer.add_scalar(f"val/{name}_{metric}", value, step)
+                writer.add_scalar("val/margin_over_fill_db", res.margin_db, step)
+            record = {"step": step, "train_seconds": round(train_seconds, 3), **res.as_dict()}
+            with open(self.run_dir / VALIDATION_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        if acc.num_processes > 1:
+            broadcast_object_list(result, from_process=0)
+        return result[0]
+
     def _writer(self):
         if not (self.tensorboard and self.is_main_process):
             return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["psnr", "ssim_slices", "ssim3d", "projection_psnr", "projection_ssim"]
@@ -80,14 +79,17 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float, window: int = 11, sigma: f
     spatial = x.shape[2:]
     size = min(window, *spatial)
     size = size if size % 2 == 1 else size - 1
-    g = _gaussian_window(size, sigma, torch.float64, x.device)
-    conv = F.conv2d if len(spatial) == 2 else F.conv3d
+    g = _gaussian_window(size, sigma, torch.float64, x.device).tolist()
 
     def blur(t: Tensor) -> Tensor:
-        for axis in range(len(spatial)):
-            shape = [1, 1] + [1] * len(spatial)
-            shape[2 + axis] = size
-            t = conv(t, g.view(shape))
+        # Separable valid-region filter as a sum of shifted slices: float64 convolution with a 1-D kernel
+        # has no fast CPU kernel in torch (measured ~50x slower than this on a 96^3 volume).
+        for axis in range(2, 2 + len(spatial)):
+            n = t.shape[axis] - size + 1
+            acc = t.narrow(axis, 0, n) * g[0]
+            for k in range(1, size):
+                acc = acc + t.narrow(axis, k, n) * g[k]
+            t = acc
         return t
 
     c1 = (0.01 * data_range) ** 2
