@@ -14,7 +14,13 @@ import torch
 from torch import Tensor, nn
 
 from medgauss.gaussians import Gaussians
-from medgauss.nets.decoders import GaussianHeads, GaussianQueryDecoder
+from medgauss.nets.decoders import (
+    QUERY_MODES,
+    GaussianHeads,
+    GaussianQueryDecoder,
+    anchor_grid_shape,
+    anchor_points,
+)
 from medgauss.nets.hierarchy import ResidualLevels
 from medgauss.nets.masking import num_masked_patches, random_masking
 from medgauss.nets.patches import mask_to_volume
@@ -66,6 +72,13 @@ class GaussianMAE(PretrainedMixin, nn.Module):
             :class:`medgauss.nets.hierarchy.ResidualLevels`.
         min_scale: lower bound of every scale, all levels (fraction of the crop edge; 2e-3 is 0.2
             voxel of a 96^3 crop): keeps Gaussians representable in float32.
+        query_mode: ``"free"`` (the paper's free learnable queries, centres anywhere in the crop) or
+            ``"anchored"`` (each level-0 query tied to a cell of a regular anchor grid over the crop,
+            ``num_queries`` = g0 * g1 * g2 with the most cubic cells, see
+            :func:`medgauss.nets.decoders.anchor_grid_shape`; its centre is a bounded offset from the
+            cell centre). See :mod:`medgauss.nets.decoders`. Residual levels refine level 0 either way.
+        anchor_offset: anchored mode only: the largest offset of a centre from its anchor per axis, in
+            normalised units (fraction of the crop edge); ``None`` = 1.5 anchor cell widths per axis.
 
     ``forward(images [B, C, D, H, W] in [0, 1]) -> GaussianMAEOutput``.
     """
@@ -78,16 +91,25 @@ class GaussianMAE(PretrainedMixin, nn.Module):
                  mask_ratio: float = 0.75, children_per_level: Sequence[int] = (),
                  scale_offsets: Sequence[float] = (0.02, 0.05), sigma_scale: float = 0.1,
                  sigma_mean: float = 0.05, sigma_intensity: float = 0.1, sigma_rotation: float = 0.1,
-                 min_scale: float = 2e-3) -> None:
+                 min_scale: float = 2e-3, query_mode: str = "free", anchor_offset: float | None = None) -> None:
         super().__init__()
         self.init_config = config_from_locals(locals())
+        if query_mode not in QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {query_mode!r}")
+        if query_mode == "free" and anchor_offset is not None:
+            raise ValueError(f"anchor_offset={anchor_offset!r} applies to query_mode='anchored' only")
+        self.query_mode = query_mode
         self.encoder = ViT3D(img_size, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
                              qkv_bias, drop_path_rate)
         num_masked_patches(self.encoder.num_patches, mask_ratio)  # validates mask_ratio
         self.mask_ratio = float(mask_ratio)
+        self.anchor_grid = (anchor_grid_shape(num_queries, self.encoder.img_size)
+                            if query_mode == "anchored" else None)
+        anchors = None if self.anchor_grid is None else anchor_points(self.anchor_grid)
         self.decoder = GaussianQueryDecoder(hidden_size, self.encoder.grid_size, decoder_dim, decoder_depth,
-                                            decoder_heads, num_queries, decoder_mlp_ratio)
-        self.heads = GaussianHeads(decoder_dim, max_scale, min_scale)
+                                            decoder_heads, num_queries, decoder_mlp_ratio, anchors=anchors)
+        self.heads = GaussianHeads(decoder_dim, max_scale, min_scale, anchors=anchors, grid=self.anchor_grid,
+                                   max_offset=anchor_offset)
         children = tuple(children_per_level)
         if len(tuple(scale_offsets)) < len(children):
             raise ValueError(f"scale_offsets {tuple(scale_offsets)} needs one entry per residual level "

@@ -76,4 +76,5 @@ def masked_voxel_indices(mask: Tensor, grid_size: tuple[int, int, int],
     if mask.shape[1] != table.shape[0]:
         raise ValueError(f"mask has {mask.shape[1]} patches but grid_size {tuple(grid_size)} has {table.shape[0]}")
     hidden = torch.nonzero(mask)[:, 1]  # [B * Lm], increasing per sample
-    return table.index_select(0, hidden).reshape(b, -1, 3)
+    per_sample = int(mask[0].sum()) * table.shape[1] if b else 0
+    return table.index_select(0, hidden).reshape(b, per_sample, 3)

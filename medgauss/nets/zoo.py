@@ -14,6 +14,12 @@ large      1536 / 12 / 16 / 6144                  528 / 8 / 16                  
 Every factory takes keyword overrides of its constructor's arguments; a name that is no argument of the
 constructor raises ``ValueError`` naming it, before the constructor runs, so that any error raised
 inside the constructor is the constructor's own.
+
+Query design: ``gmae_<size>`` and ``gmae_star_<size>`` build the paper's free queries;
+``gmae_<size>_anchored`` and ``gmae_star_<size>_anchored`` are the same models with
+``query_mode="anchored"`` (128 queries -> a 4x4x8 anchor grid, 512 -> 8x8x8 on cubic crops; see
+:mod:`medgauss.nets.decoders`). The override ``query_mode="anchored"`` (and ``anchor_offset``) works on
+any ``gmae_*`` name as well; the choice is saved in the checkpoint's config like every other argument.
 """
 
 from __future__ import annotations
@@ -60,6 +66,13 @@ def _gmae(size: str, overrides: dict[str, Any], **extra: Any) -> GaussianMAE:
     return GaussianMAE(**{**SIZES[size], "num_queries": QUERIES[size], **extra, **overrides})
 
 
+def _gmae_anchored(size: str, overrides: dict[str, Any], **extra: Any) -> GaussianMAE:
+    if overrides.get("query_mode", "anchored") != "anchored":
+        raise ValueError(f"query_mode={overrides['query_mode']!r} contradicts an *_anchored model name; "
+                         "use the name without _anchored for free queries")
+    return _gmae(size, overrides, **extra, query_mode="anchored")
+
+
 def _vmae(size: str, overrides: dict[str, Any]) -> VoxelMAE:
     check_overrides(VoxelMAE, overrides)
     return VoxelMAE(**{**SIZES[size], **overrides})
@@ -93,6 +106,36 @@ def gmae_star_base(**overrides: Any) -> GaussianMAE:
 @register_model
 def gmae_star_large(**overrides: Any) -> GaussianMAE:
     return _gmae("large", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def gmae_tiny_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("tiny", overrides)
+
+
+@register_model
+def gmae_base_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("base", overrides)
+
+
+@register_model
+def gmae_large_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("large", overrides)
+
+
+@register_model
+def gmae_star_tiny_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("tiny", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def gmae_star_base_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("base", overrides, children_per_level=STAR_CHILDREN)
+
+
+@register_model
+def gmae_star_large_anchored(**overrides: Any) -> GaussianMAE:
+    return _gmae_anchored("large", overrides, children_per_level=STAR_CHILDREN)
 
 
 @register_model

@@ -117,3 +117,13 @@ def test_patch_embedding_equals_conv3d():
     x = torch.randn(2, 2, 4, 6, 8, dtype=torch.float64)
     expected = torch.nn.functional.conv3d(x, embed.proj.weight, embed.proj.bias, stride=(2, 3, 4))
     torch.testing.assert_close(embed(x), expected.flatten(2).transpose(1, 2))
+
+
+def test_masked_voxel_indices_of_an_empty_batch_is_empty():
+    from medgauss.nets.patches import masked_voxel_indices
+
+    out = masked_voxel_indices(torch.zeros(0, 8, dtype=torch.bool), (2, 2, 2), (4, 4, 4))
+    assert out.shape == (0, 0, 3)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, :3] = True
+    assert masked_voxel_indices(mask, (2, 2, 2), (4, 4, 4)).shape == (2, 3 * 64, 3)

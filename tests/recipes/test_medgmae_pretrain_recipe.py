@@ -74,7 +74,7 @@ def test_every_model_config_names_a_registered_model_and_its_arguments(model):
     with pytest.raises(ValueError, match="not_an_argument"):  # (the check can fail)
         check_overrides(cls, {"not_an_argument": 1})
     # Both kinds of the same size share the crop and the Gaussian scale bound (compared like with like).
-    size = model.rsplit("_", 1)[1]
+    size = model.removesuffix("_anchored").rsplit("_", 1)[1]
     gmae, star = _compose([f"model=gmae_{size}"]).model, _compose([f"model=gmae_star_{size}"]).model
     assert gmae.get("max_scale") == star.get("max_scale") and gmae.img_size == star.img_size == cfg.img_size
 
