@@ -9,6 +9,7 @@ from medgauss.gaussians.coords import (
     transform_gaussians,
     transform_points,
 )
+from medgauss.gaussians.fit import DEFAULT_FIT_LR, FitResult, fit_gaussians_to_volume, init_gaussians_from_volume
 from medgauss.gaussians.quaternions import normalize_quat, quat_multiply, quat_to_rotmat, rotmat_to_quat
 
 __all__ = [
@@ -23,4 +24,8 @@ __all__ = [
     "quat_multiply",
     "quat_to_rotmat",
     "rotmat_to_quat",
+    "DEFAULT_FIT_LR",
+    "FitResult",
+    "fit_gaussians_to_volume",
+    "init_gaussians_from_volume",
 ]
