@@ -105,6 +105,21 @@ def _leaves(g: Gaussians) -> list[torch.Tensor]:
     return [getattr(g, f).detach().clone().requires_grad_() for f in FIELDS]
 
 
+def _assert_grads_match_torch(out, leaves, g: Gaussians, dtype, render_torch) -> None:
+    """Gradients of ``out`` (a backend's render of ``leaves``) under a shared cotangent are finite and equal
+    those of the torch reference ``render_torch(Gaussians)`` on fresh leaves of ``g``."""
+    cot = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
+    grads = torch.autograd.grad((out * cot).sum(), leaves)
+    ref_leaves = _leaves(g)
+    ref_grads = torch.autograd.grad((render_torch(Gaussians(*ref_leaves)) * cot).sum(), ref_leaves)
+    rel = 1e-7 if dtype == torch.float64 else 1e-3
+    for name, got, exp in zip(FIELDS, grads, ref_grads):
+        assert bool(torch.isfinite(got).all()), name
+        scale = exp.abs().max().item()
+        assert scale > 0, name
+        assert (got - exp).abs().max().item() <= rel * scale, name
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_extreme_anisotropy_splat_same_finite_values_in_every_backend(backend, dtype):
@@ -117,17 +132,8 @@ def test_extreme_anisotropy_splat_same_finite_values_in_every_backend(backend, d
     tol = 1e-9 if dtype == torch.float64 else 3e-3  # float32: rounding of r / 1e-4 in the sheets
     np.testing.assert_allclose(out.detach().double().numpy(), want, rtol=0, atol=tol * np.abs(want).max())
     # Gradients: finite, and equal to the torch reference's (same dtype).
-    cot = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
-    grads = torch.autograd.grad((out * cot).sum(), leaves)
-    ref_leaves = _leaves(g)
-    ref = splat(Gaussians(*ref_leaves), (5, 6, 7), points=points, cutoff=None, backend="torch")
-    ref_grads = torch.autograd.grad((ref * cot).sum(), ref_leaves)
-    for name, got, exp in zip(FIELDS, grads, ref_grads):
-        assert bool(torch.isfinite(got).all()), name
-        scale = exp.abs().max().item()
-        assert scale > 0, name
-        rel = 1e-7 if dtype == torch.float64 else 1e-3
-        assert (got - exp).abs().max().item() <= rel * scale, name
+    _assert_grads_match_torch(out, leaves, g, dtype,
+                              lambda h: splat(h, (5, 6, 7), points=points, cutoff=None, backend="torch"))
     # Dense voxels (cut off at 3): finite, and the same in every backend.
     dense = splat(g, (5, 6, 7), cutoff=3.0, backend=backend)
     assert bool(torch.isfinite(dense).all())
@@ -159,17 +165,7 @@ def test_extreme_anisotropy_project_same_finite_values_in_every_backend(backend,
     assert (np.abs(want) > 1e-3 * np.abs(want).max()).sum() > 50
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     np.testing.assert_allclose(out.detach().double().numpy(), want, rtol=0, atol=tol * np.abs(want).max())
-    cot = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
-    grads = torch.autograd.grad((out * cot).sum(), leaves)
-    ref_leaves = _leaves(g)
-    ref = project(Gaussians(*ref_leaves), geo, cutoff=3.0, backend="torch")
-    ref_grads = torch.autograd.grad((ref * cot).sum(), ref_leaves)
-    for name, got, exp in zip(FIELDS, grads, ref_grads):
-        assert bool(torch.isfinite(got).all()), name
-        scale = exp.abs().max().item()
-        assert scale > 0, name
-        rel = 1e-7 if dtype == torch.float64 else 1e-3
-        assert (got - exp).abs().max().item() <= rel * scale, name
+    _assert_grads_match_torch(out, leaves, g, dtype, lambda h: project(h, geo, cutoff=3.0, backend="torch"))
 
 
 def test_beyond_float64_anisotropy_is_rendered_at_the_limit_not_rejected():
