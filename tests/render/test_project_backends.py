@@ -213,29 +213,19 @@ def test_auto_backend_on_cpu_is_numba(monkeypatch):
 
 # ------------------------------------------------------------------------------- real compilation
 _COMPILE_XRAY_FOR_H100 = textwrap.dedent("""
-    import itertools, os, subprocess, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import itertools
+    import torch
+    from tests.render._sm90_cubin import sm90_resource_usage
     from triton_kernels import xray as X
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ints = ("V", "R", "C", "N", "num_tiles", "tiles_c")
     int_ptrs = ("tile_start_ptr", "ids_ptr")
     for dtype, backward, cutoff in itertools.product((torch.float32, torch.float64), (False, True), (False, True)):
         kernel = X._xray_bwd_kernel if backward else X._xray_fwd_kernel
         fp = "*fp32" if dtype == torch.float32 else "*fp64"
         consts = dict(TR=16, TC=16, BLOCK_G=X.default_block_g(dtype), HAS_CUTOFF=cutoff)
-        sig = {a: ("i32" if a in ints else "*i32" if a in int_ptrs else "constexpr" if a in consts else fp)
-               for a in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": X.NUM_WARPS})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-        line = next(s for s in usage.splitlines() if "REG:" in s).strip()
+        line = sm90_resource_usage(kernel, ints=ints, int_ptrs=int_ptrs, fp=fp, consts=consts,
+                                   num_warps=X.NUM_WARPS)
         print(dtype, kernel.__name__, cutoff, line)
         assert " STACK:0 " in line and " LOCAL:0 " in line, f"register spills: {line}"
 """)

@@ -345,13 +345,11 @@ def test_kernel_rejects_bad_arguments():
 
 # ------------------------------------------------------------------------------- real compilation
 _COMPILE_FOR_H100 = textwrap.dedent("""
-    import itertools, os, subprocess, sys, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import itertools
+    import torch
+    from tests.render._sm90_cubin import sm90_resource_usage
     from triton_kernels import splat as S
 
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     ints = ("N", "D", "H", "W", "tiles_h", "tiles_w", "num_tiles", "v_total")
     int_ptrs = ("tile_start_ptr", "gauss_ids_ptr", "item_tile_ptr", "item_start_ptr", "item_count_ptr")
     tile = S.DEFAULT_TILE
@@ -361,17 +359,8 @@ _COMPILE_FOR_H100 = textwrap.dedent("""
         fp = "*fp32" if dtype == torch.float32 else "*fp64"
         consts = dict(TD=tile[0], TH=tile[1], TW=tile[2], BLOCK_G=S.DEFAULT_BLOCK_G, POINTS=points,
                       USE_LIST=listed, HAS_CUTOFF=listed)
-        sig = {a: ("i32" if a in ints else "*i32" if a in int_ptrs else "constexpr" if a in consts else fp)
-               for a in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": S.num_warps_for(backward, dtype)})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                   text=True, check=True).stdout
-        line = next(s for s in usage.splitlines() if "REG:" in s).strip()
+        line = sm90_resource_usage(kernel, ints=ints, int_ptrs=int_ptrs, fp=fp, consts=consts,
+                                   num_warps=S.num_warps_for(backward, dtype))
         print(dtype, kernel.__name__, points, listed, line)
         assert " STACK:0 " in line and " LOCAL:0 " in line, f"register spills: {line}"
 """)
