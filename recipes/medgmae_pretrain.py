@@ -62,7 +62,7 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
     engine.print(f"run dir: {engine.run_dir}  (world size {engine.accelerator.num_processes}); config: {written.name}")
 
     model = create_model(**cfg.model)
-    loss_fn = pretrain_loss_for(model)
+    loss_fn = pretrain_loss_for(model, **cfg.get("loss", {}))
     with engine.accelerator.main_process_first():  # rank 0 writes generated data (phantoms) first
         datalist = instantiate(cfg.data.datalist)
     # Every rank preprocesses only its shard, in parallel (the on-disk cache is safe under races).

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor, nn
 
 from medgauss.nets.gaussian_mae import GaussianMAE, GaussianMAEOutput
@@ -33,12 +36,17 @@ class MaskedGaussianLoss(nn.Module):
     Args:
         cutoff: Mahalanobis truncation radius passed to :func:`medgauss.render.splat`.
         backend: splat backend (``"auto"`` picks numba on CPU, triton on CUDA).
+        visible_weight: weight ``w`` of an extra term, the MSE over the *visible* voxels:
+            ``loss = mse(hidden) + w * mse(visible)``. 0 (the paper's loss) evaluates the hidden voxels
+            only; ``w > 0`` also asks the Gaussians to reproduce what the encoder saw, at the cost of
+            evaluating every voxel (the hidden share is ``mask_ratio``).
     """
 
-    def __init__(self, cutoff: float | None = 3.0, backend: str = "auto") -> None:
+    def __init__(self, cutoff: float | None = 3.0, backend: str = "auto", visible_weight: float = 0.0) -> None:
         super().__init__()
         self.cutoff = cutoff
         self.backend = backend
+        self.visible_weight = _check_visible_weight(visible_weight)
 
     def forward(self, out: GaussianMAEOutput, images: Tensor) -> Tensor:
         """``out`` from :class:`GaussianMAE`, ``images [B, 1, D, H, W]`` -> scalar loss."""
@@ -48,10 +56,18 @@ class MaskedGaussianLoss(nn.Module):
             raise ValueError("images must have 1 channel for a Gaussian loss, got shape "
                              f"{tuple(images.shape)}")
         idx = masked_voxel_indices(out.mask, out.grid_size, out.patch_size)  # [B, M, 3]
-        pred = splat(g, images.shape[2:], points=idx, cutoff=self.cutoff, backend=self.backend)  # [B, M]
-        # the hidden voxels of the input, in the order of ``idx`` (patch by patch, C order inside)
-        target = patchify(images, out.patch_size)[out.mask].reshape(g.batch_size, -1).to(pred.dtype)
-        return (pred - target).square().mean()
+        hidden = idx.shape[1]
+        if self.visible_weight:  # one splat call for hidden then visible voxels
+            idx = torch.cat([idx, masked_voxel_indices(~out.mask, out.grid_size, out.patch_size)], dim=1)
+        pred = splat(g, images.shape[2:], points=idx, cutoff=self.cutoff, backend=self.backend)  # [B, M(+V)]
+        # the input's voxels in the order of ``idx`` (patch by patch, C order inside)
+        patches = patchify(images, out.patch_size)
+        target = patches[out.mask].reshape(g.batch_size, -1).to(pred.dtype)
+        loss = (pred[:, :hidden] - target).square().mean()
+        if self.visible_weight:
+            seen = patches[~out.mask].reshape(g.batch_size, -1).to(pred.dtype)
+            loss = loss + self.visible_weight * (pred[:, hidden:] - seen).square().mean()
+        return loss
 
 
 class MaskedPatchLoss(nn.Module):
@@ -59,12 +75,15 @@ class MaskedPatchLoss(nn.Module):
 
     Args:
         norm_pix_loss: normalise each target patch to zero mean / unit variance first (MAE option).
+        visible_weight: weight ``w`` of the same MSE over the visible patches,
+            ``loss = mse(hidden) + w * mse(visible)``; 0 is MAE's loss.
     """
 
-    def __init__(self, norm_pix_loss: bool = False, eps: float = 1e-6) -> None:
+    def __init__(self, norm_pix_loss: bool = False, eps: float = 1e-6, visible_weight: float = 0.0) -> None:
         super().__init__()
         self.norm_pix_loss = norm_pix_loss
         self.eps = eps
+        self.visible_weight = _check_visible_weight(visible_weight)
 
     def forward(self, out: VoxelMAEOutput, images: Tensor) -> Tensor:
         """``out`` from :class:`VoxelMAE`, ``images [B, C, D, H, W]`` -> scalar loss."""
@@ -79,7 +98,16 @@ class MaskedPatchLoss(nn.Module):
             target = (target - mean) / (var + self.eps).sqrt()
         per_patch = (out.pred - target).square().mean(dim=-1)
         mask = out.mask.to(per_patch.dtype)
-        return (per_patch * mask).sum() / mask.sum()
+        loss = (per_patch * mask).sum() / mask.sum()
+        if self.visible_weight:
+            loss = loss + self.visible_weight * (per_patch * (1 - mask)).sum() / (1 - mask).sum()
+        return loss
+
+
+def _check_visible_weight(value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"visible_weight must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def pretrain_loss_for(model: nn.Module, **kwargs: object) -> nn.Module:

@@ -155,3 +155,35 @@ def test_masked_gaussian_loss_default_backend_matches_torch():
     out = _gaussian_output(g, mask)
     torch.testing.assert_close(MaskedGaussianLoss()(out, images),
                                MaskedGaussianLoss(backend="torch")(out, images), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 2.0])
+def test_visible_weight_adds_the_visible_voxels_mse(weight):
+    g, mask = _gaussians(seed=7), _mask(seed=8)
+    images = torch.rand(2, 1, *SHAPE, dtype=torch.float64)
+    loss = MaskedGaussianLoss(cutoff=None, backend="torch", visible_weight=weight)(_gaussian_output(g, mask), images)
+    sq = (_dense_brute_force(g, SHAPE, None) - images[:, 0]) ** 2
+    hidden = _hidden_voxels(mask)
+    torch.testing.assert_close(loss, sq[hidden].mean() + weight * sq[~hidden].mean(), rtol=1e-12, atol=1e-14)
+
+
+def test_visible_weight_of_the_patch_loss_counts_visible_patches():
+    mask = _mask(seed=9)
+    images = torch.rand(2, 1, *SHAPE, dtype=torch.float64)
+    pred = torch.randn(2, math.prod(GRID), math.prod(PATCH), dtype=torch.float64, requires_grad=True)
+    out = _voxel_output(pred, mask)
+    target = torch.stack([torch.stack([
+        images[b, 0, gd * 3:(gd + 1) * 3, gh * 2:(gh + 1) * 2, gw * 4:(gw + 1) * 4].reshape(-1)
+        for gd in range(GRID[0]) for gh in range(GRID[1]) for gw in range(GRID[2])]) for b in range(2)])
+    per_patch = ((pred - target) ** 2).mean(-1)
+    loss = MaskedPatchLoss(visible_weight=0.25)(out, images)
+    torch.testing.assert_close(loss, per_patch[mask].mean() + 0.25 * per_patch[~mask].mean(), rtol=1e-12, atol=1e-14)
+    (grad,) = torch.autograd.grad(loss, pred)
+    assert grad.abs().min() > 0  # every patch counts now
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "1", True])
+def test_bad_visible_weight_raises_naming_it(bad):
+    for loss in (MaskedGaussianLoss, MaskedPatchLoss):
+        with pytest.raises(ValueError, match="visible_weight"):
+            loss(visible_weight=bad)
