@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +18,8 @@ from torch import Tensor, nn
 
 from medgauss.nets.patches import patchify
 
-__all__ = ["to_3tuple", "grid_size_for", "PatchEmbed3D", "sincos_pos_embed_3d", "transformer_blocks"]
+__all__ = ["to_3tuple", "grid_size_for", "PatchEmbed3D", "sincos_pos_embed_3d", "transformer_blocks",
+           "distance_weighted_pool", "check_pool_sigma"]
 
 
 def to_3tuple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
@@ -117,3 +119,31 @@ def init_linear_and_norm(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+def distance_weighted_pool(values: Tensor, value_cells: Tensor, query_cells: Tensor, sigma: float) -> Tensor:
+    """Gaussian-weighted mean of ``values`` around each query point: a normalised convolution of the
+    tokens one has (the visible ones) evaluated where one needs features (anchors, hidden patches).
+
+    Args:
+        values: ``[B, K, dim]`` token features.
+        value_cells: ``[B, K, 3]`` their positions, in patch units.
+        query_cells: ``[Q, 3]`` or ``[B, Q, 3]`` query positions, same units.
+        sigma: width of the weights, in patch units.
+
+    Returns:
+        ``[B, Q, dim]``: ``sum_k w_qk values_k`` with ``w_qk = softmax_k(-|q - p_k|^2 / (2 sigma^2))``.
+    """
+    dist2 = (query_cells[..., :, None, :] - value_cells[:, None, :, :]).square().sum(-1)  # [B, Q, K]
+    weights = torch.softmax(-dist2 / (2.0 * sigma ** 2), dim=-1).to(values.dtype)
+    return weights @ values
+
+
+def check_pool_sigma(sigma: float | None, name: str) -> float | None:
+    """``None`` (pooling off) or ``sigma`` as a float; raises ``ValueError`` naming ``name`` unless it is
+    a positive finite number."""
+    if sigma is None:
+        return None
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"{name} must be a positive finite number of patch widths, got {sigma!r}")
+    return float(sigma)

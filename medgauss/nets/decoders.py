@@ -26,7 +26,15 @@ from torch import Tensor, nn
 
 from medgauss.gaussians import Gaussians
 from medgauss.gaussians.coords import normalized_to_voxel_matrix, transform_points
-from medgauss.nets.blocks import _sincos_1d, init_linear_and_norm, sincos_pos_embed_3d, transformer_blocks
+from medgauss.nets.blocks import (
+    _sincos_1d,
+    check_pool_sigma,
+    distance_weighted_pool,
+    init_linear_and_norm,
+    sincos_pos_embed_3d,
+    transformer_blocks,
+)
+from medgauss.nets.patches import patch_centres
 
 __all__ = ["GaussianHeads", "GaussianQueryDecoder", "PatchDecoder", "HEAD_BIAS_INIT", "QUERY_MODES",
            "ANCHOR_OFFSET_CELLS", "ANCHOR_SCALE_CELLS", "MAX_ANCHOR_CELL_ASPECT", "anchor_grid_shape",
@@ -243,12 +251,17 @@ class GaussianQueryDecoder(nn.Module):
 
     def __init__(self, encoder_dim: int, grid_size: tuple[int, int, int], decoder_dim: int, depth: int,
                  num_heads: int, num_queries: int, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0, anchors: Tensor | None = None) -> None:
+                 drop_path_rate: float = 0.0, anchors: Tensor | None = None,
+                 anchor_pool_sigma: float | None = None) -> None:
         super().__init__()
         if num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {num_queries}")
         if anchors is not None and tuple(anchors.shape) != (num_queries, 3):
             raise ValueError(f"anchors must have shape [num_queries={num_queries}, 3], got {tuple(anchors.shape)}")
+        if anchor_pool_sigma is not None:
+            if anchors is None:
+                raise ValueError("anchor_pool_sigma applies to anchored queries only (pass anchors)")
+        self.anchor_pool_sigma = check_pool_sigma(anchor_pool_sigma, "anchor_pool_sigma")
         self.num_queries = num_queries
         self.anchored = anchors is not None
         self.embed = nn.Linear(encoder_dim, decoder_dim)
@@ -267,6 +280,11 @@ class GaussianQueryDecoder(nn.Module):
         if self.anchored:
             self.register_buffer("query_pos", anchor_pos_embed(anchors, grid_size, decoder_dim)[None],
                                  persistent=False)
+        if self.anchor_pool_sigma is not None:
+            # anchors and patch centres in patch units, for the distance weights of anchor_pool
+            grid = torch.tensor(grid_size, dtype=torch.float32)
+            self.register_buffer("anchor_cells", anchors.detach().float() * grid, persistent=False)
+            self.register_buffer("patch_cells", patch_centres(grid_size), persistent=False)
 
     def forward(self, latent: Tensor, ids_keep: Tensor) -> Tensor:
         """``latent [B, 1 + K, encoder_dim]`` (cls first), ``ids_keep [B, K]``
@@ -277,20 +295,43 @@ class GaussianQueryDecoder(nn.Module):
         pos = torch.gather(pos, 1, ids_keep[:, :, None].expand(-1, -1, dim))
         queries = self.query_tokens if not self.anchored else self.query_tokens + self.query_pos
         queries = queries.expand(b, -1, -1).to(x.dtype)
+        if self.anchor_pool_sigma is not None:
+            queries = queries + self.anchor_pool(x[:, 1:], ids_keep)
         x = torch.cat([x[:, :1], queries, x[:, 1:] + pos], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x[:, 1:1 + self.num_queries])
 
 
+    def anchor_pool(self, tokens: Tensor, ids_keep: Tensor) -> Tensor:
+        """Each anchor's Gaussian-weighted mean of the visible tokens (a normalised convolution in
+        feature space, the way Deformable-DETR samples features at a query's reference point).
+
+        ``tokens [B, K, dim]`` (embedded visible tokens, no position), ``ids_keep [B, K]`` their patch
+        indices -> ``[B, num_queries, dim]``; weights ``softmax_k(-|a_q - p_k|^2 / (2 sigma^2))`` with
+        distances in patch widths, so every query starts from what was seen around its anchor.
+        """
+        return distance_weighted_pool(tokens, self.patch_cells[ids_keep], self.anchor_cells,
+                                      self.anchor_pool_sigma)
+
+
 class PatchDecoder(nn.Module):
     """Standard MAE decoder: mask tokens fill hidden patches, sin-cos position embeddings,
-    linear voxel head."""
+    linear voxel head.
+
+    ``mask_pool_sigma`` (patch widths; ``None`` = MAE's plain mask token): each hidden patch's token is
+    the mask token plus the distance-weighted mean of the visible tokens around it
+    (:func:`medgauss.nets.blocks.distance_weighted_pool`), the voxel-MAE counterpart of
+    :class:`GaussianQueryDecoder`'s ``anchor_pool_sigma``.
+    """
 
     def __init__(self, encoder_dim: int, grid_size: tuple[int, int, int], decoder_dim: int, depth: int,
                  num_heads: int, patch_values: int, mlp_ratio: float = 4.0,
-                 drop_path_rate: float = 0.0) -> None:
+                 drop_path_rate: float = 0.0, mask_pool_sigma: float | None = None) -> None:
         super().__init__()
+        self.mask_pool_sigma = check_pool_sigma(mask_pool_sigma, "mask_pool_sigma")
+        if self.mask_pool_sigma is not None:
+            self.register_buffer("patch_cells", patch_centres(grid_size), persistent=False)
         self.embed = nn.Linear(encoder_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
         self.register_buffer("pos_embed", sincos_pos_embed_3d(grid_size, decoder_dim)[None], persistent=False)
@@ -308,6 +349,11 @@ class PatchDecoder(nn.Module):
         b, dim = x.shape[0], x.shape[-1]
         length = ids_restore.shape[1]
         hidden = self.mask_token.to(x.dtype).expand(b, length + 1 - x.shape[1], -1)
+        if self.mask_pool_sigma is not None:
+            order = torch.argsort(ids_restore, dim=1)  # kept patches first, then the hidden ones
+            kept = x.shape[1] - 1
+            hidden = hidden + distance_weighted_pool(x[:, 1:], self.patch_cells[order[:, :kept]],
+                                                     self.patch_cells[order[:, kept:]], self.mask_pool_sigma)
         tokens = torch.cat([x[:, 1:], hidden], dim=1)
         tokens = torch.gather(tokens, 1, ids_restore[:, :, None].expand(-1, -1, dim))
         x = torch.cat([x[:, :1], tokens + self.pos_embed.to(x.dtype)], dim=1)

@@ -79,6 +79,9 @@ class GaussianMAE(PretrainedMixin, nn.Module):
             cell centre). See :mod:`medgauss.nets.decoders`. Residual levels refine level 0 either way.
         anchor_offset: anchored mode only: the largest offset of a centre from its anchor per axis, in
             normalised units (fraction of the crop edge); ``None`` = 1.5 anchor cell widths per axis.
+        anchor_pool_sigma: anchored mode only: add to each query the Gaussian-weighted mean of the
+            visible tokens around its anchor (width ``sigma`` in patch widths, see
+            :meth:`medgauss.nets.decoders.GaussianQueryDecoder.anchor_pool`); ``None`` = off.
 
     ``forward(images [B, C, D, H, W] in [0, 1]) -> GaussianMAEOutput``.
     """
@@ -91,13 +94,15 @@ class GaussianMAE(PretrainedMixin, nn.Module):
                  mask_ratio: float = 0.75, children_per_level: Sequence[int] = (),
                  scale_offsets: Sequence[float] = (0.02, 0.05), sigma_scale: float = 0.1,
                  sigma_mean: float = 0.05, sigma_intensity: float = 0.1, sigma_rotation: float = 0.1,
-                 min_scale: float = 2e-3, query_mode: str = "free", anchor_offset: float | None = None) -> None:
+                 min_scale: float = 2e-3, query_mode: str = "free", anchor_offset: float | None = None,
+                 anchor_pool_sigma: float | None = None) -> None:
         super().__init__()
         self.init_config = config_from_locals(locals())
         if query_mode not in QUERY_MODES:
             raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {query_mode!r}")
-        if query_mode == "free" and anchor_offset is not None:
-            raise ValueError(f"anchor_offset={anchor_offset!r} applies to query_mode='anchored' only")
+        for option, value in (("anchor_offset", anchor_offset), ("anchor_pool_sigma", anchor_pool_sigma)):
+            if query_mode == "free" and value is not None:
+                raise ValueError(f"{option}={value!r} applies to query_mode='anchored' only")
         self.query_mode = query_mode
         self.encoder = ViT3D(img_size, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
                              qkv_bias, drop_path_rate)
@@ -107,7 +112,8 @@ class GaussianMAE(PretrainedMixin, nn.Module):
                             if query_mode == "anchored" else None)
         anchors = None if self.anchor_grid is None else anchor_points(self.anchor_grid)
         self.decoder = GaussianQueryDecoder(hidden_size, self.encoder.grid_size, decoder_dim, decoder_depth,
-                                            decoder_heads, num_queries, decoder_mlp_ratio, anchors=anchors)
+                                            decoder_heads, num_queries, decoder_mlp_ratio, anchors=anchors,
+                                            anchor_pool_sigma=anchor_pool_sigma)
         self.heads = GaussianHeads(decoder_dim, max_scale, min_scale, anchors=anchors, grid=self.anchor_grid,
                                    max_offset=anchor_offset)
         children = tuple(children_per_level)

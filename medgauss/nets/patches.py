@@ -11,7 +11,7 @@ import functools
 import torch
 from torch import Tensor
 
-__all__ = ["patchify", "unpatchify", "mask_to_volume", "masked_voxel_indices"]
+__all__ = ["patchify", "unpatchify", "mask_to_volume", "masked_voxel_indices", "patch_centres"]
 
 
 def patchify(images: Tensor, patch_size: tuple[int, int, int]) -> Tensor:
@@ -78,3 +78,10 @@ def masked_voxel_indices(mask: Tensor, grid_size: tuple[int, int, int],
     hidden = torch.nonzero(mask)[:, 1]  # [B * Lm], increasing per sample
     per_sample = int(mask[0].sum()) * table.shape[1] if b else 0
     return table.index_select(0, hidden).reshape(b, per_sample, 3)
+
+
+def patch_centres(grid_size: tuple[int, int, int]) -> Tensor:
+    """Centres ``[L, 3]`` (float32) of the patches of ``grid_size``, in patch units, in patch index
+    (C) order: patch ``(i, j, k)`` is centred at ``(i + 0.5, j + 0.5, k + 0.5)``."""
+    axes = [torch.arange(int(n), dtype=torch.float32) + 0.5 for n in grid_size]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)

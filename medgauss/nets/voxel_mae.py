@@ -39,14 +39,18 @@ class VoxelMAEOutput:
 class VoxelMAE(PretrainedMixin, nn.Module):
     """MAE with voxel targets (the baseline MedGMAE is compared against).
 
-    Arguments as :class:`GaussianMAE` (encoder, decoder trunk, ``mask_ratio``).
+    Arguments as :class:`GaussianMAE` (encoder, decoder trunk, ``mask_ratio``), and
+    ``mask_pool_sigma``: hidden patches' tokens start from the distance-weighted mean of the visible
+    tokens around them (width in patch widths; ``None`` = MAE's plain mask token), see
+    :class:`medgauss.nets.decoders.PatchDecoder`.
     """
 
     def __init__(self, img_size: int | Sequence[int] = 96, patch_size: int | Sequence[int] = 16,
                  in_channels: int = 1, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
                  mlp_dim: int = 3072, qkv_bias: bool = False, drop_path_rate: float = 0.0,
                  decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 decoder_mlp_ratio: float = 4.0, mask_ratio: float = 0.75) -> None:
+                 decoder_mlp_ratio: float = 4.0, mask_ratio: float = 0.75,
+                 mask_pool_sigma: float | None = None) -> None:
         super().__init__()
         self.init_config = config_from_locals(locals())
         self.encoder = ViT3D(img_size, patch_size, in_channels, hidden_size, num_layers, num_heads, mlp_dim,
@@ -56,7 +60,8 @@ class VoxelMAE(PretrainedMixin, nn.Module):
         self.in_channels = in_channels
         self.patch_values = in_channels * math.prod(self.encoder.patch_size)
         self.decoder = PatchDecoder(hidden_size, self.encoder.grid_size, decoder_dim, decoder_depth,
-                                    decoder_heads, self.patch_values, decoder_mlp_ratio)
+                                    decoder_heads, self.patch_values, decoder_mlp_ratio,
+                                    mask_pool_sigma=mask_pool_sigma)
 
     def forward(self, images: Tensor, noise: Tensor | None = None) -> VoxelMAEOutput:
         """``images [B, C, D, H, W]`` in ``[0, 1]`` (optional masking ``noise [B, L]``)

@@ -77,6 +77,10 @@ def test_bad_grid_error_suggests_nearby_counts():
     (dict(query_mode="anchored", anchor_offset=float("nan")), "anchor_offset"),
     (dict(query_mode="anchored", anchor_offset="0.1"), "anchor_offset"),
     (dict(query_mode="anchored", num_queries=0), "num_queries"),
+    (dict(anchor_pool_sigma=1.0), "anchor_pool_sigma=1.0 applies to query_mode='anchored' only"),
+    (dict(query_mode="anchored", anchor_pool_sigma=0.0), "anchor_pool_sigma"),
+    (dict(query_mode="anchored", anchor_pool_sigma=float("inf")), "anchor_pool_sigma"),
+    (dict(query_mode="anchored", anchor_pool_sigma="1"), "anchor_pool_sigma"),
 ])
 def test_bad_query_arguments_raise_naming_them(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -127,6 +131,46 @@ def test_decoder_queries_carry_their_anchor_embedding():
         model.decoder.query_pos.zero_()
         after = model(images, noise).gaussians.means
     assert not torch.allclose(before, after, atol=1e-3)  # the embedding is used
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 3.0])
+def test_anchor_pool_is_the_distance_weighted_mean_of_visible_tokens(sigma):
+    """Brute force: for each anchor, weights exp(-d^2 / 2 sigma^2) over the visible patches, with the
+    patch centre and the anchor written out in patch units by hand, normalised to sum 1."""
+    torch.manual_seed(0)
+    model = create_model("gmae_tiny_anchored", img_size=(16, 32, 24), patch_size=8, num_queries=12,
+                         anchor_pool_sigma=sigma)
+    decoder, grid = model.decoder, (2, 4, 3)
+    anchors = _hand_anchors(*model.anchor_grid).double()
+    ids_keep = torch.tensor([[0, 5, 7, 11, 13, 23], [2, 3, 4, 17, 20, 22]])
+    tokens = torch.randn(2, 6, decoder.embed.out_features, dtype=torch.float64)
+    got = decoder.anchor_pool(tokens, ids_keep)
+    expected = torch.zeros_like(got)
+    for b in range(2):
+        for q in range(anchors.shape[0]):
+            a = [anchors[q, i].item() * grid[i] for i in range(3)]
+            weights = []
+            for k in ids_keep[b].tolist():
+                centre = (k // 12 + 0.5, (k // 3) % 4 + 0.5, k % 3 + 0.5)
+                weights.append(math.exp(-sum((a[i] - centre[i]) ** 2 for i in range(3)) / (2 * sigma ** 2)))
+            total = sum(weights)
+            expected[b, q] = sum(w / total * tokens[b, j] for j, w in enumerate(weights))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_pool_feeds_the_queries_and_is_off_by_default():
+    torch.manual_seed(0)
+    pooled = _model("gmae_tiny_anchored", num_queries=8, anchor_pool_sigma=1.0).eval()
+    plain = _model("gmae_tiny_anchored", num_queries=8).eval()
+    assert plain.decoder.anchor_pool_sigma is None and pooled.init_config["anchor_pool_sigma"] == 1.0
+    plain.load_state_dict(pooled.state_dict())  # no new parameters: the same weights, with and without
+    images, noise = torch.rand(1, 1, 32, 32, 32), torch.rand(1, 64)
+    with torch.no_grad():
+        pooled.heads.intensity.weight.normal_()
+        plain.heads.intensity.weight.copy_(pooled.heads.intensity.weight)
+        a = pooled(images, noise).gaussians.intensities
+        b = plain(images, noise).gaussians.intensities
+    assert not torch.allclose(a, b, atol=1e-4)
 
 
 def _field_and_distance(g, points):
@@ -345,12 +389,14 @@ def test_zoo_names_and_overrides():
 
 
 @pytest.mark.parametrize("kind", ["gmae_tiny", "gmae_star_tiny"])
-def test_anchored_yaml_is_the_free_yaml_plus_query_mode(kind):
+def test_anchored_yaml_is_the_free_yaml_plus_the_anchored_options(kind):
     free = yaml.safe_load((CONF / f"{kind}.yaml").read_text())
     anchored = yaml.safe_load((CONF / f"{kind}_anchored.yaml").read_text())
     assert anchored.pop("name") == f"{kind}_anchored" and free.pop("name") == kind
     assert anchored.pop("query_mode") == "anchored" and anchored.pop("anchor_offset") is None
+    assert anchored.pop("anchor_pool_sigma") == 1.0
     assert anchored == free
     model = create_model(f"{kind}_anchored", **{**anchored, "img_size": 32, "patch_size": 8},
-                         query_mode="anchored", anchor_offset=None)
+                         query_mode="anchored", anchor_offset=None, anchor_pool_sigma=1.0)
     assert model.anchor_grid == (4, 4, 8) and model.heads.max_scale == free["max_scale"]
+    assert model.decoder.anchor_pool_sigma == 1.0

@@ -210,3 +210,37 @@ def test_initial_gaussians_spread_over_the_volume():
     with torch.no_grad():
         g = model(torch.rand(2, 1, 16, 16, 16)).gaussians
     assert (g.means.std(dim=1) > 0.18).all()  # uniform on [0, 1] has 0.29
+
+
+@pytest.mark.parametrize("sigma", [0.7, 2.0])
+def test_voxel_mae_mask_pool_starts_hidden_tokens_from_their_visible_neighbours(sigma):
+    """The decoder's input at each hidden patch is mask token + position + the weighted mean of the
+    visible tokens, weights exp(-d^2 / 2 sigma^2) over patch-centre distances written out by hand."""
+    torch.manual_seed(0)
+    model = VoxelMAE(img_size=(8, 12, 16), patch_size=4, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=24,
+                     decoder_dim=8, decoder_depth=1, decoder_heads=2, mask_pool_sigma=sigma).double()
+    seen = {}
+    model.decoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model.decoder.mask_token.normal_()
+        out = model(torch.rand(2, 1, 8, 12, 16, dtype=torch.float64))
+    x, pos = seen["x"][:, 1:], model.decoder.pos_embed[0]
+    for b in range(2):
+        visible = out.ids_keep[b].tolist()
+        cells = {k: (k // 12 + 0.5, (k // 4) % 3 + 0.5, k % 4 + 0.5) for k in range(24)}
+        for patch in range(24):
+            if not out.mask[b, patch]:
+                continue
+            weights = [math.exp(-sum((cells[patch][i] - cells[k][i]) ** 2 for i in range(3)) / (2 * sigma ** 2))
+                       for k in visible]
+            total = sum(weights)
+            pooled = sum(w / total * (x[b, k] - pos[k]) for w, k in zip(weights, visible))
+            expected = model.decoder.mask_token[0, 0] + pooled + pos[patch]
+            torch.testing.assert_close(x[b, patch], expected, rtol=1e-10, atol=1e-12)
+    assert model.encoder.grid_size == (2, 3, 4)
+
+
+def test_pool_sigma_options_reject_bad_values():
+    with pytest.raises(ValueError, match="mask_pool_sigma"):
+        VoxelMAE(img_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=24, decoder_dim=8,
+                 decoder_depth=1, decoder_heads=2, mask_pool_sigma=-1.0)
