@@ -9,6 +9,8 @@ from medgauss.nets.pretrained import load_pretrained
 from medgauss.nets.registry import create_model, list_models, register_model
 from medgauss.nets.vit3d import ViT3D
 from medgauss.nets.voxel_mae import VoxelMAE, VoxelMAEOutput
+from medgauss.nets.voxgs import VoxGSDecoder, subvolume_geometry
+from medgauss.nets.xgrm import XGRM, XGRMOutput, geometry_inputs
 
 __all__ = [
     "GaussianMAE",
@@ -24,4 +26,9 @@ __all__ = [
     "load_pretrained",
     "encoder_to_monai_state_dict",
     "monai_vit_kwargs",
+    "XGRM",
+    "XGRMOutput",
+    "VoxGSDecoder",
+    "geometry_inputs",
+    "subvolume_geometry",
 ]

@@ -32,6 +32,7 @@ from torch import nn
 from medgauss.nets.gaussian_mae import GaussianMAE
 from medgauss.nets.registry import register_model
 from medgauss.nets.voxel_mae import VoxelMAE
+from medgauss.nets.xgrm import XGRM
 
 __all__ = ["SIZES", "STAR_CHILDREN", "check_overrides"]
 
@@ -151,3 +152,44 @@ def vmae_base(**overrides: Any) -> VoxelMAE:
 @register_model
 def vmae_large(**overrides: Any) -> VoxelMAE:
     return _vmae("large", overrides)
+
+
+# ------------------------------------------------------------------ X-GRM (sparse-view CT reconstruction)
+#
+# =====  ==========  ================================  ===========================  ========  ==========
+# size   img / patch encoder (hidden/layers/heads/mlp)  fusion (dim/layers/heads/mlp)  features  data grid
+# =====  ==========  ================================  ===========================  ========  ==========
+# tiny   64 / 16     128 / 4 / 4 / 512                 128 / 2 / 4 / 512            32 @ x4   32^3
+# base   256 / 16    768 / 12 / 12 / 3072 (ViT-B/16)   768 / 12 / 12 / 3072         64 @ x4   256^3
+# =====  ==========  ================================  ===========================  ========  ==========
+#
+# The VoxGS decoder works on any output grid (the geometry's ``vol_shape``); XGRM_GRID_SIZES records the
+# grid each size is meant for (the paper's 256^3; 32^3 for CPU training), for recipes to read.
+
+XGRM_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(img_size=64, patch_size=16, hidden_size=128, num_layers=4, num_heads=4, mlp_dim=512,
+                 fusion_size=128, fusion_layers=2, fusion_heads=4, fusion_mlp_dim=512, feature_dim=32,
+                 upsample_factor=4, decoder_hidden=64, decoder_layers=3),
+    "base": dict(img_size=256, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072,
+                 fusion_size=768, fusion_layers=12, fusion_heads=12, fusion_mlp_dim=3072, feature_dim=64,
+                 upsample_factor=4, decoder_hidden=128, decoder_layers=3),
+}
+XGRM_GRID_SIZES = {"tiny": 32, "base": 256}
+
+
+def _xgrm(size: str, overrides: dict[str, Any]) -> XGRM:
+    check_overrides(XGRM, overrides)
+    return XGRM(**{**XGRM_SIZES[size], **overrides})
+
+
+@register_model
+def xgrm_tiny(**overrides: Any) -> XGRM:
+    return _xgrm("tiny", overrides)
+
+
+@register_model
+def xgrm_base(**overrides: Any) -> XGRM:
+    return _xgrm("base", overrides)
+
+
+__all__ += ["XGRM_SIZES", "XGRM_GRID_SIZES"]

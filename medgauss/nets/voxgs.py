@@ -1,0 +1,366 @@
+"""VoxGS: one Gaussian fixed at every voxel centre of an output grid, decoded from per-view feature maps.
+
+The X-GRM decoder (see :class:`medgauss.nets.XGRM`). For each voxel centre ``mu`` (world mm, from the
+grid's voxel-to-world ``affine``):
+
+1. project ``mu`` into every view with that view's ``[3, 4]`` projection matrix
+   (:meth:`medgauss.geometry.CircularGeometry.projection_matrices`: world ``(x, y, z, 1)`` ->
+   ``(col w, row w, w)``, detector pixel centres at integer ``(col, row)``);
+2. sample the view's feature map bilinearly there (``F.grid_sample``, ``align_corners=False``: a feature
+   map of any resolution covers the same detector area as the ``H x W`` projection, so the full-resolution
+   pixel coordinate ``col`` maps to ``(2 col + 1) / W - 1`` whatever the feature resolution);
+3. max-pool the samples over the views in which ``mu`` is visible (in front of the source and on the
+   detector; a voxel seen by no view gets zeros), which is invariant to the order of the views;
+4. an MLP maps the pooled feature to 8 numbers (11 with ``shift``): opacity (the CT value,
+   ``softplus``, non-negative), scale (3, bounded in voxel units, then mm) and rotation (4, normalised
+   quaternion ``(w, x, y, z)`` in the world frame), plus the bounded offset of the centre for ``shift``.
+
+The result is a :class:`medgauss.gaussians.Gaussians` in world mm whose ``intensities`` are the volume:
+Gaussian ``n`` of a decoded box sits at voxel ``(d, h, w)`` of the box with ``n = (d * H + h) * W + w``
+(C order), so the volume is ``intensities.reshape(B, 1, D, H, W)``.
+
+Memory is bounded by ``chunk_size`` voxels at a time (independently of the grid size), and a sub-box of
+the grid can be decoded alone (training renders random sub-volumes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from medgauss.gaussians import Gaussians
+
+__all__ = [
+    "VoxGSDecoder",
+    "UNIT_MASS_SCALE",
+    "check_grid",
+    "check_box",
+    "voxel_centres",
+    "project_points",
+    "sample_views",
+    "max_pool_views",
+    "random_box_starts",
+    "box_affine",
+    "subvolume_geometry",
+]
+
+UNIT_MASS_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
+"""Scale (voxels) at which a Gaussian of peak ``I`` holds the mass ``I`` of one voxel:
+``(2 pi)^{3/2} s^3 = 1``. At this scale a lattice of Gaussians whose peaks are the voxel values projects
+(line integrals) like the voxel volume itself, so it is the decoder's initial scale."""
+
+# Initial opacity softplus(-2.25) = 0.1 (volumes normalised to [0, 1] are mostly dark).
+_OPACITY_BIAS_INIT = -2.25
+_NUM_PARAMS = 8  # opacity 1, scale 3, rotation 4
+_NUM_SHIFT = 3
+
+
+# ---------------------------------------------------------------------------------------------- grids
+
+
+def check_grid(grid_shape: Sequence[int], grid_affine: Tensor, batch_size: int) -> tuple[tuple[int, int, int], Tensor]:
+    """Validate an output grid; returns ``((D, H, W), affine [B, 4, 4] float64 on the affine's device)``.
+
+    Args:
+        grid_shape: ``(D, H, W)`` voxels.
+        grid_affine: ``[4, 4]``, ``[1, 4, 4]`` or ``[B, 4, 4]`` voxel index ``(d, h, w, 1)`` -> world
+            ``(x, y, z, 1)`` mm (e.g. ``geometry.volume_affine``), invertible, last row ``(0, 0, 0, 1)``.
+        batch_size: ``B``.
+    """
+    try:
+        shape = tuple(int(s) for s in grid_shape)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"grid_shape must be three positive ints (D, H, W), got {grid_shape!r}") from exc
+    if len(shape) != 3 or min(shape) <= 0 or any(float(a) != b for a, b in zip(grid_shape, shape)):
+        raise ValueError(f"grid_shape must be three positive ints (D, H, W), got {tuple(grid_shape)}")
+    if not isinstance(grid_affine, Tensor):
+        raise ValueError(f"grid_affine must be a torch.Tensor [4, 4] or [B, 4, 4], got {type(grid_affine).__name__}")
+    a = grid_affine.to(torch.float64)
+    if a.ndim == 2:
+        a = a.unsqueeze(0)
+    if a.ndim == 3 and a.shape[0] == 1:
+        a = a.expand(batch_size, -1, -1)
+    if a.shape != (batch_size, 4, 4):
+        raise ValueError(f"grid_affine must have shape [4, 4], [1, 4, 4] or [B={batch_size}, 4, 4], "
+                         f"got {tuple(grid_affine.shape)}")
+    if not bool(torch.isfinite(a).all()):
+        raise ValueError("grid_affine contains non-finite values (NaN or inf)")
+    bottom = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=a.device)
+    if not bool((a[:, 3] == bottom).all()):
+        raise ValueError("grid_affine must be affine: its last row must be (0, 0, 0, 1)")
+    lin = a[:, :3, :3]
+    if not bool((torch.linalg.det(lin).abs() > 1e-12 * lin.abs().flatten(1).amax(1).pow(3)).all()):
+        raise ValueError("grid_affine has a singular linear part")
+    return shape, a  # type: ignore[return-value]
+
+
+def check_box(box_start: Tensor | Sequence[int] | None, box_size: Sequence[int] | None,
+              grid_shape: tuple[int, int, int], batch_size: int,
+              device: torch.device | str = "cpu") -> tuple[Tensor, tuple[int, int, int]]:
+    """Validate a sub-box of the grid; returns ``(start [B, 3] int64, (d, h, w))``.
+
+    ``box_start`` ``None`` = the grid's corner; ``[3]`` = the same start for every sample; ``[B, 3]`` = one
+    per sample (voxel indices ``(d, h, w)``). ``box_size`` ``None`` = the whole grid. The box must lie
+    inside the grid.
+    """
+    if box_size is None:
+        size = grid_shape
+    else:
+        try:
+            size = tuple(int(s) for s in box_size)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"box_size must be three positive ints (d, h, w), got {box_size!r}") from exc
+        if len(size) != 3 or min(size) <= 0:
+            raise ValueError(f"box_size must be three positive ints (d, h, w), got {tuple(box_size)}")
+    if box_start is None:
+        start = torch.zeros(batch_size, 3, dtype=torch.long, device=device)
+    else:
+        start = torch.as_tensor(box_start, device=device)
+        if start.is_floating_point() or start.dtype == torch.bool or start.is_complex():
+            raise ValueError(f"box_start must hold integer voxel indices, got dtype {start.dtype}")
+        start = start.long()
+        if start.ndim == 1:
+            start = start.unsqueeze(0).expand(batch_size, -1)
+        if start.shape != (batch_size, 3):
+            raise ValueError(f"box_start must have shape [3] or [B={batch_size}, 3], got {tuple(start.shape)}")
+    limit = torch.tensor(grid_shape, device=start.device) - torch.tensor(size, device=start.device)
+    if bool((start < 0).any()) or bool((start > limit).any()):
+        raise ValueError(f"box_start {start.tolist()} with box_size {size} leaves the grid {grid_shape}")
+    return start, size  # type: ignore[return-value]
+
+
+def voxel_centres(grid_affine: Tensor, box_start: Tensor, box_size: Sequence[int], first: int = 0,
+                  last: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """World centres ``[B, last - first, 3]`` (x, y, z) mm of voxels ``first:last`` (C order) of a box.
+
+    Args:
+        grid_affine: ``[B, 4, 4]`` float64 voxel-to-world affines (see :func:`check_grid`).
+        box_start: ``[B, 3]`` int64 first voxel ``(d, h, w)`` of the box; ``box_size``: ``(d, h, w)``.
+        first, last: range of flattened box indices ``n = (i * h + j) * w + k`` (``last`` ``None`` = all).
+        dtype: result dtype (computed in float64, then cast).
+    """
+    d, h, w = (int(s) for s in box_size)
+    last = d * h * w if last is None else last
+    n = torch.arange(first, last, device=grid_affine.device)
+    index = torch.stack((n // (h * w), (n // w) % h, n % w), dim=-1)  # [m, 3]
+    index = (index[None] + box_start.to(grid_affine.device)[:, None, :]).to(torch.float64)  # [B, m, 3]
+    world = index @ grid_affine[:, :3, :3].transpose(1, 2) + grid_affine[:, None, :3, 3]
+    return world.to(dtype)
+
+
+def box_affine(grid_affine: Tensor, box_start: Tensor) -> Tensor:
+    """``[B, 4, 4]`` float64 affines of the boxes starting at ``box_start [B, 3]`` of ``grid_affine [B, 4, 4]``."""
+    out = grid_affine.clone()
+    out[:, :3, 3] = out[:, :3, 3] + (grid_affine[:, :3, :3] @ box_start.to(grid_affine)[..., None])[..., 0]
+    return out
+
+
+def random_box_starts(grid_shape: Sequence[int], box_size: Sequence[int], batch_size: int,
+                      generator: torch.Generator | None = None) -> Tensor:
+    """Uniformly random starts ``[B, 3]`` int64 of ``box_size`` boxes inside ``grid_shape`` (training crops)."""
+    shape, size = tuple(int(s) for s in grid_shape), tuple(int(s) for s in box_size)
+    if len(shape) != 3 or len(size) != 3 or any(s <= 0 or s > g for s, g in zip(size, shape)):
+        raise ValueError(f"box_size {tuple(box_size)} must be three positive ints within "
+                         f"grid_shape {tuple(grid_shape)}")
+    room = torch.tensor([g - s + 1 for g, s in zip(shape, size)], dtype=torch.float64)
+    u = torch.rand(batch_size, 3, generator=generator, dtype=torch.float64)
+    return (u * room).floor().long().clamp_max(room.long() - 1)
+
+
+def subvolume_geometry(geometry, box_start: Sequence[int], box_size: Sequence[int]):
+    """The geometry whose volume is the box ``box_start``/``box_size`` of ``geometry``'s volume.
+
+    Same views and detector; ``vol_shape = box_size`` and ``vol_offset`` chosen so that its
+    ``volume_affine`` is the box's affine. This is how a ground-truth sub-volume is forward projected
+    (:func:`medgauss.ct.forward_project`) for the render loss of the sub-volume's Gaussians.
+
+    Args:
+        geometry: a :class:`medgauss.geometry.CircularGeometry`.
+        box_start: ``(d, h, w)`` first voxel; ``box_size``: ``(d, h, w)`` voxels.
+    """
+    start, size = check_box(box_start, box_size, tuple(geometry.vol_shape), 1)
+    centre_index = start[0].to(torch.float64) + (torch.tensor(size, dtype=torch.float64) - 1) / 2
+    offset = [o + (c - (n - 1) / 2) * s for o, c, n, s in
+              zip(geometry.vol_offset, centre_index.tolist(), geometry.vol_shape, geometry.vol_spacing)]
+    return geometry.replace(vol_shape=list(size), vol_offset=offset)
+
+
+# ------------------------------------------------------------------------------- projection and pooling
+
+
+def project_points(points: Tensor, projection_matrices: Tensor) -> tuple[Tensor, Tensor]:
+    """Detector pixel coordinates of world points in every view.
+
+    Args:
+        points: ``[B, N, 3]`` world (x, y, z) mm.
+        projection_matrices: ``[B, K, 3, 4]`` world -> ``(col w, row w, w)`` (pixel centres at integers).
+
+    Returns:
+        ``(pixels [B, K, N, 2], depth [B, K, N])``: ``(col, row)`` full-resolution pixel coordinates and
+        the homogeneous ``w`` (positive in front of a cone-beam source, 1 for parallel beam).
+    """
+    hom = torch.einsum("bkij,bnj->bkni", projection_matrices[..., :3], points)
+    hom = hom + projection_matrices[:, :, None, :, 3]
+    depth = hom[..., 2]
+    tiny = torch.finfo(depth.dtype).tiny
+    safe = torch.where(depth.abs() > tiny, depth, torch.ones_like(depth))
+    return hom[..., :2] / safe[..., None], depth
+
+
+def sample_views(feature_maps: Tensor, points: Tensor, projection_matrices: Tensor,
+                 image_size: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Bilinear samples of each view's feature map where each point projects.
+
+    Args:
+        feature_maps: ``[B, K, C, h, w]`` per-view features covering the ``H x W`` detector (any ``h, w``).
+        points: ``[B, N, 3]`` world (x, y, z) mm.
+        projection_matrices: ``[B, K, 3, 4]`` of the full-resolution ``H x W`` detector.
+        image_size: ``(H, W)`` detector rows and columns the matrices refer to.
+
+    Returns:
+        ``(samples [B, K, N, C], visible [B, K, N] bool)``. ``visible``: in front of the source and
+        inside the detector (pixel coordinates within ``[-0.5, W - 0.5] x [-0.5, H - 0.5]``). Samples use
+        border padding (a point on the detector's outer half pixel reads the edge feature).
+    """
+    b, k, c, fh, fw = feature_maps.shape
+    rows, cols = (int(s) for s in image_size)
+    pixels, depth = project_points(points.to(feature_maps.dtype), projection_matrices.to(feature_maps.dtype))
+    size = torch.tensor([cols, rows], dtype=pixels.dtype, device=pixels.device)
+    grid = (2.0 * pixels + 1.0) / size - 1.0  # [B, K, N, 2] (x = col, y = row), align_corners=False
+    visible = (depth > 0) & (grid.abs() <= 1.0).all(dim=-1)
+    grid = grid.clamp(-1.0, 1.0)  # hidden points read the border; they are masked out when pooling
+    samples = F.grid_sample(feature_maps.reshape(b * k, c, fh, fw), grid.reshape(b * k, -1, 1, 2),
+                            mode="bilinear", padding_mode="border", align_corners=False)  # [BK, C, N, 1]
+    return samples.reshape(b, k, c, -1).transpose(2, 3), visible
+
+
+def max_pool_views(samples: Tensor, visible: Tensor) -> Tensor:
+    """Max over the views ``[B, K, N, C] -> [B, N, C]``, among the visible ones (zeros where none is)."""
+    masked = samples.masked_fill(~visible[..., None], float("-inf"))
+    pooled = masked.amax(dim=1)
+    return torch.where(visible.any(dim=1)[..., None], pooled, torch.zeros_like(pooled))
+
+
+# ------------------------------------------------------------------------------------------- decoder
+
+
+class VoxGSDecoder(nn.Module):
+    """Per-view feature maps -> one Gaussian at every voxel centre of a grid (or of a sub-box of it).
+
+    Args:
+        feature_dim: channels ``C`` of the feature maps.
+        hidden_dim: width of the MLP's hidden layers.
+        num_layers: linear layers of the MLP (``>= 1``; GELU between them).
+        min_scale, max_scale: bounds of each scale in voxel units (the mean voxel edge
+            ``|det A|^{1/3}`` of the grid's affine ``A``), converted to mm; the initial scale is
+            :data:`UNIT_MASS_SCALE` when it lies inside the bounds.
+        shift: predict a bounded offset of each centre (the paper's "w/ shift" ablation); features
+            are still sampled at the voxel centre.
+        max_shift: largest offset per array axis, in voxels.
+
+    ``forward(...) -> Gaussians`` (see :meth:`forward`).
+    """
+
+    def __init__(self, feature_dim: int, hidden_dim: int = 128, num_layers: int = 3, min_scale: float = 0.25,
+                 max_scale: float = 1.0, shift: bool = False, max_shift: float = 0.5) -> None:
+        super().__init__()
+        for name, value in (("feature_dim", feature_dim), ("hidden_dim", hidden_dim), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not (0 < min_scale < max_scale and math.isfinite(max_scale)):
+            raise ValueError(f"min_scale and max_scale must satisfy 0 < min_scale < max_scale (voxels), "
+                             f"got {min_scale!r}, {max_scale!r}")
+        if shift and not (0 < max_shift and math.isfinite(max_shift)):
+            raise ValueError(f"max_shift must be a positive number of voxels, got {max_shift!r}")
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.shift, self.max_shift = bool(shift), float(max_shift)
+        outputs = _NUM_PARAMS + (_NUM_SHIFT if shift else 0)
+        widths = [feature_dim] + [hidden_dim] * (num_layers - 1) + [outputs]
+        layers: list[nn.Module] = []
+        for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
+            if i:
+                layers.append(nn.GELU())
+            layers.append(nn.Linear(n_in, n_out))
+        self.mlp = nn.Sequential(*layers)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        head = self.mlp[-1]
+        init_scale = min(max(UNIT_MASS_SCALE, self.min_scale * 1.01), self.max_scale * 0.99)
+        fraction = (init_scale - self.min_scale) / (self.max_scale - self.min_scale)
+        with torch.no_grad():
+            head.bias[0] = _OPACITY_BIAS_INIT
+            head.bias[1:4] = math.log(fraction / (1.0 - fraction))
+            head.bias[4] = 1.0  # identity rotation (w = 1)
+
+    @property
+    def num_outputs(self) -> int:
+        """Raw values per Gaussian (8, or 11 with ``shift``)."""
+        return self.mlp[-1].out_features
+
+    def forward(self, feature_maps: Tensor, projection_matrices: Tensor, image_size: Sequence[int],
+                grid_affine: Tensor, box_start: Tensor, box_size: Sequence[int], chunk_size: int,
+                grad_checkpointing: bool = False) -> Gaussians:
+        """Decode the Gaussians of one box of the grid.
+
+        Args:
+            feature_maps: ``[B, K, C, h, w]`` per-view feature maps (any float dtype).
+            projection_matrices: ``[B, K, 3, 4]`` for the ``image_size`` detector.
+            image_size: ``(H, W)`` detector pixels.
+            grid_affine: ``[B, 4, 4]`` float64 voxel-to-world affines (:func:`check_grid`).
+            box_start: ``[B, 3]`` int64, ``box_size`` ``(d, h, w)`` (:func:`check_box`).
+            chunk_size: voxels decoded at once (bounds the memory of sampling and the MLP).
+            grad_checkpointing: recompute each chunk in the backward pass instead of storing it.
+
+        Returns:
+            ``B x (d h w)`` Gaussians in world mm (float32, or float64 for float64 inputs, also under
+            autocast), in C order over the box; ``intensities`` are the opacities (the CT values).
+        """
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        total = math.prod(box_size)
+        work = torch.promote_types(feature_maps.dtype, torch.float32)  # never sample or place in bf16
+        maps, matrices = feature_maps.to(work), projection_matrices.to(device=feature_maps.device, dtype=work)
+        grid_affine, box_start = grid_affine.to(maps.device), box_start.to(maps.device)
+        store = grad_checkpointing and torch.is_grad_enabled()
+        raw, centres = [], []
+        for first in range(0, total, chunk_size):
+            last = min(total, first + chunk_size)
+            centres.append(voxel_centres(grid_affine, box_start, box_size, first, last, work))
+            if store:
+                raw.append(checkpoint(self._decode_chunk, maps, matrices, centres[-1], tuple(image_size),
+                                      use_reentrant=False))
+            else:
+                raw.append(self._decode_chunk(maps, matrices, centres[-1], tuple(image_size)))
+        params = torch.cat(raw, dim=1)
+        return self._activate(params, torch.cat(centres, dim=1).to(params.dtype), grid_affine)
+
+    def _decode_chunk(self, maps: Tensor, matrices: Tensor, centres: Tensor, image_size: tuple[int, int]) -> Tensor:
+        with torch.autocast(device_type=maps.device.type, enabled=False):
+            samples, visible = sample_views(maps, centres, matrices, image_size)
+            pooled = max_pool_views(samples, visible)
+        raw = self.mlp(pooled.to(self.mlp[0].weight.dtype))  # ambient autocast applies here
+        return raw.to(torch.promote_types(raw.dtype, torch.float32))
+
+    def _activate(self, raw: Tensor, centres: Tensor, grid_affine: Tensor) -> Gaussians:
+        with torch.autocast(device_type=raw.device.type, enabled=False):
+            lin = grid_affine[:, :3, :3]
+            voxel_mm = torch.linalg.det(lin).abs().pow(1.0 / 3.0).to(raw.dtype)  # [B]
+            intensities = F.softplus(raw[..., 0])
+            scales_vox = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(raw[..., 1:4])
+            scales = scales_vox * voxel_mm[:, None, None]
+            quats = F.normalize(raw[..., 4:8], dim=-1, eps=1e-12)
+            means = centres
+            if self.shift:
+                offset_vox = self.max_shift * torch.tanh(raw[..., 8:11])  # along array axes (d, h, w)
+                means = means + offset_vox @ lin.transpose(1, 2).to(raw.dtype)
+        return Gaussians(means, scales, quats, intensities, validate=False)
