@@ -12,6 +12,7 @@ memory (max RSS on CPU, ``max_memory_allocated`` on CUDA) belongs to that config
 
     python benchmarks/pretrain_step.py            # tiny and base, CPU (+ CUDA if present)
     python benchmarks/pretrain_step.py --quick    # tiny only, fewer steps
+    python benchmarks/pretrain_step.py --config-name medgmae_cpu   # the main job's own model, batch, loss
 
 Prints a table and writes ``benchmarks/results/pretrain_step.json``.
 """
@@ -49,6 +50,33 @@ def recipe_model_config(name: str, img_size: int | None = None) -> dict:
     with initialize_config_dir(config_dir=str(RECIPE_CONF), version_base="1.3"):
         cfg = compose(config_name="medgmae_pretrain", overrides=overrides)
     return OmegaConf.to_container(cfg.model, resolve=True)
+
+
+def recipe_job_models(config_name: str) -> tuple[dict[str, dict], dict, int]:
+    """The models a recipe configuration trains, and what to compare it with at the same crop.
+
+    Composes ``recipes/conf/<config_name>.yaml`` (e.g. ``medgmae_cpu``, the main job) and returns
+    ``({kind: create_model kwargs}, loss kwargs, batch size)``: ``gmae`` is the job's model exactly,
+    ``gmae_star`` the same model with MedGMAE*'s residual levels (its ``gmae_star_*`` registry name), and
+    ``vmae`` the voxel-MAE of the same size with the job's crop, patch and mask ratio. The loss options
+    (``cfg.loss``) apply to every row.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if not (RECIPE_CONF / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(f"the recipe has no config {RECIPE_CONF / f'{config_name}.yaml'}")
+    with initialize_config_dir(config_dir=str(RECIPE_CONF), version_base="1.3"):
+        cfg = OmegaConf.to_container(compose(config_name=config_name), resolve=True)
+    gmae = dict(cfg["model"])
+    name = gmae["name"]
+    if not name.startswith("gmae_") or name.startswith("gmae_star_"):
+        raise ValueError(f"{config_name}: expected a plain MedGMAE model (gmae_*), got {name!r}")
+    size = name.split("_")[1]
+    shared = {k: gmae[k] for k in ("img_size", "patch_size", "mask_ratio") if k in gmae}
+    models = {"gmae": gmae, "gmae_star": {**gmae, "name": name.replace("gmae_", "gmae_star_", 1)},
+              "vmae": {"name": f"vmae_{size}", **shared}}
+    return models, dict(cfg.get("loss") or {}), int(cfg["trainer"]["batch_size"])
 
 
 def splat_pairs(out, img_size: tuple[int, int, int], cutoff: float | None) -> float:
@@ -93,7 +121,9 @@ def run_worker(cfg: dict) -> dict:
     name = model_cfg["name"]
     model = create_model(**model_cfg).to(device).train()
     img_size = tuple(model.encoder.img_size)  # the model's crop (D, H, W) as built from its config
-    loss_kwargs = {"backend": cfg["backend"]} if isinstance(model, GaussianMAE) else {}
+    loss_kwargs = dict(cfg.get("loss", {}))
+    if isinstance(model, GaussianMAE):
+        loss_kwargs["backend"] = cfg["backend"]
     loss_fn = pretrain_loss_for(model, **loss_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     images = torch.rand(cfg["batch_size"], 1, *img_size, device=device)
@@ -173,7 +203,8 @@ def print_table(results: list[dict]) -> None:
               f"{'' if ratio is None else f'{ratio:6.2f}x':>7} {r['forward']:8.1f} {r['loss']:8.1f} "
               f"{r['backward']:8.1f} {r['optimizer']:7.1f} {mem:9.0f} {r['outputs_per_sample']:15,d} "
               f"{scale:>9} {pairs:>12}")
-    print("  (max_scale, and every other model argument, from recipes/conf/model/<model>.yaml; pairs/sample: "
+    print("  (max_scale, and every other model argument, as the recipe composes them: recipes/conf/model/<model>.yaml, "
+          "or the model block of --config-name; pairs/sample: "
           "(Gaussian, voxel) pairs inside the loss's cutoff and the crop, sample 0 of the last step, Monte "
           "Carlo estimate; the loss evaluates the hidden share of them)")
 
@@ -184,7 +215,10 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["tiny", "base"], choices=["tiny", "base", "large"])
     parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, plus cuda when available")
-    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--config-name", default=None,
+                        help="a recipe config (e.g. medgmae_cpu, the main job): time its model, batch and loss "
+                             "beside MedGMAE* and voxel-MAE at the same crop (ignores --sizes / --img-size)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 2, or the config's")
     parser.add_argument("--img-size", type=int, default=None, help="crop edge (default: the recipe's model config)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (JIT compilation)")
@@ -205,14 +239,22 @@ def main() -> None:
     devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     sizes = ["tiny"] if args.quick else args.sizes
     steps = 3 if args.quick else args.steps
+    loss: dict = {}
+    batch_size = args.batch_size or 2
+    if args.config_name:
+        job_models, loss, job_batch = recipe_job_models(args.config_name)
+        sizes = [job_models["gmae"]["name"].split("_")[1]]
+        batch_size = args.batch_size or job_batch
     results = []
     for device in devices:
         for size in sizes:
             rows = []
             for kind in args.kinds:
-                model = recipe_model_config(f"{kind}_{size}", args.img_size)
-                cfg = dict(kind=kind, size=size, device=device, batch_size=args.batch_size, model=model,
-                           steps=steps, warmup=args.warmup, backend=args.backend, threads=args.threads)
+                model = (job_models[kind] if args.config_name
+                         else recipe_model_config(f"{kind}_{size}", args.img_size))
+                cfg = dict(kind=kind, size=size, device=device, batch_size=batch_size, model=model,
+                           steps=steps, warmup=args.warmup, backend=args.backend, threads=args.threads,
+                           loss=loss)
                 rows.append(run_config(cfg, args.timeout))
                 print(f"  done {device} {size} {kind}", file=sys.stderr, flush=True)
             vmae = next((r for r in rows if r["kind"] == "vmae" and "error" not in r), None)
@@ -222,7 +264,8 @@ def main() -> None:
             results.extend(rows)
     crops = sorted({tuple(r["img_size"]) for r in results if "error" not in r})
     crop = ", ".join("x".join(map(str, c)) for c in crops) or "-"
-    print(f"\npretrain step (forward+loss+backward+AdamW), batch {args.batch_size}, crop {crop}, "
+    job = f"recipe config {args.config_name!r}, " if args.config_name else ""
+    print(f"\npretrain step (forward+loss+backward+AdamW), {job}batch {batch_size}, crop {crop}, "
           f"median of {steps} steps, times in ms; splat backend {args.backend!r}; "
           f"{os.cpu_count()} CPU cores, threads {args.threads or 'default'}, "
           f"load average {os.getloadavg()[0]:.1f}")
