@@ -1,4 +1,4 @@
-"""MedGMAE masked pretraining: Hydra config -> medgauss objects -> ``PretrainEngine.fit``.
+"""MedGMAE masked pretraining: Hydra config -> medgauss objects -> ``TrainingEngine.fit``.
 
 Run (no arguments: ``gmae_tiny`` on the bundled chest CT, 96^3 crops, 100 steps, a quick smoke run;
 ``--config-name medgmae_cpu``: the CPU main job, ~5 minutes, that beats the trivial fill on held-out data;
@@ -17,10 +17,10 @@ launcher), which the engine flags with a warning.
 
 Config groups live in ``recipes/conf`` (model, data, optim, trainer); their keys are the arguments of
 ``create_model``, the datalist builder + ``build_pretrain_dataset``, ``build_optimizer`` and
-``PretrainEngine``. Outputs go to ``trainer.run_dir``: ``config.yaml`` (resolved, written when the run
+``TrainingEngine``. Outputs go to ``trainer.run_dir``: ``config.yaml`` (resolved, written when the run
 starts at step 0 and kept as is by every resume), ``config.resume-<k>.yaml`` + ``resumes.yaml`` (one per
 resume: its configuration, time, step, overrides and the keys it changed; see
-``PretrainEngine.save_config``), ``checkpoints/``, ``tensorboard/``, ``panels/`` and the final ``model/``
+``TrainingEngine.save_config``), ``checkpoints/``, ``tensorboard/``, ``panels/`` and the final ``model/``
 export (``save_pretrained``).
 """
 
@@ -41,8 +41,9 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from medgauss.data import build_pretrain_dataset, heldout_crops  # noqa: E402
 from medgauss.engines import (  # noqa: E402
+    MaskedPretrainTask,
     MaskedReconstructionValidator,
-    PretrainEngine,
+    TrainingEngine,
     TrainResult,
     build_optimizer,
 )
@@ -55,14 +56,14 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
 
     ``overrides`` (the command line's, when known) are recorded with a resume (``resumes.yaml``).
     """
-    engine = PretrainEngine(**cfg.trainer)
+    engine = TrainingEngine(**cfg.trainer)
     # Interpolations of trainer.run_dir (e.g. data.datalist.out_dir) must see the one shared directory.
     cfg.trainer.run_dir = str(engine.run_dir)
     written = engine.save_config(OmegaConf.to_container(cfg, resolve=True), overrides)
     engine.print(f"run dir: {engine.run_dir}  (world size {engine.accelerator.num_processes}); config: {written.name}")
 
     model = create_model(**cfg.model)
-    loss_fn = pretrain_loss_for(model, **cfg.get("loss", {}))
+    task = MaskedPretrainTask(pretrain_loss_for(model, **cfg.get("loss", {})))
     with engine.accelerator.main_process_first():  # rank 0 writes generated data (phantoms) first
         datalist = instantiate(cfg.data.datalist)
     # Every rank preprocesses only its shard, in parallel (the on-disk cache is safe under races).
@@ -71,10 +72,10 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
         datalist, rank=acc.process_index, world_size=acc.num_processes, **cfg.data.dataset
     )
     optimizer, scheduler = build_optimizer(model, max_steps=cfg.trainer.max_steps, **cfg.optim)
-    return engine.fit(model, loss_fn, dataset, optimizer, scheduler, validator=build_validator(cfg, engine))
+    return engine.fit(model, task, dataset, optimizer, scheduler, validator=build_validator(cfg, engine))
 
 
-def build_validator(cfg: DictConfig, engine: PretrainEngine) -> MaskedReconstructionValidator | None:
+def build_validator(cfg: DictConfig, engine: TrainingEngine) -> MaskedReconstructionValidator | None:
     """Held-out validation of ``cfg.data.val`` (``None`` when the data option has none): fixed crops of
     data that training never sees (another region of the scan, or phantoms of unseen seeds), through the
     training pipeline without augmentation."""

@@ -1,23 +1,36 @@
-"""Training engines on Accelerate (no Hydra here): the masked-pretraining loop, checkpoints, optimiser.
+"""Training engines on Accelerate (no Hydra here): the one training loop, its tasks, checkpoints, optimiser.
 
-``PretrainEngine`` runs the loop; ``build_optimizer`` gives AdamW + warmup-cosine; ``CheckpointManager``
-writes crash-safe Accelerate checkpoints with a ``latest`` pointer; ``save_slice_panel`` draws PNG panels;
-``MaskedReconstructionValidator`` scores a model on held-out crops beside the trivial fills.
+``TrainingEngine`` runs the loop for every recipe; a recipe plugs in its
+step as a ``TrainTask`` (``MaskedPretrainTask`` for masked pretraining) and optionally a held-out
+``Validator`` (``MaskedReconstructionValidator`` scores an MAE on held-out crops beside the trivial fills);
+``build_optimizer`` gives AdamW + warmup-cosine; ``CheckpointManager`` writes crash-safe Accelerate
+checkpoints with a ``latest`` pointer; ``save_slice_panel`` draws PNG panels.
 """
 
 from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager
 from medgauss.engines.optim import build_optimizer, param_groups, warmup_cosine_factor
 from medgauss.engines.panels import panel_from_output, save_slice_panel
-from medgauss.engines.pretrain import PretrainEngine, TrainResult, loss_summary
-from medgauss.engines.validation import MaskedReconstructionValidator, ValidationResult
+from medgauss.engines.tasks import MaskedPretrainTask, TrainTask, as_task
+from medgauss.engines.training import TrainingEngine, TrainResult, loss_summary
+from medgauss.engines.validation import (
+    MaskedReconstructionValidator,
+    ValidationReport,
+    ValidationResult,
+    Validator,
+)
 
 __all__ = [
     "TRAINER_STATE_FILE",
     "CheckpointManager",
+    "MaskedPretrainTask",
     "MaskedReconstructionValidator",
-    "PretrainEngine",
     "TrainResult",
+    "TrainTask",
+    "TrainingEngine",
+    "ValidationReport",
     "ValidationResult",
+    "Validator",
+    "as_task",
     "build_optimizer",
     "loss_summary",
     "panel_from_output",

@@ -10,25 +10,102 @@ trivial predictors of :mod:`medgauss.metrics.fill` on the same masks:
 - ``constant``: every hidden voxel = the mean of the visible ones;
 - ``fill``: normalised-convolution fill of the visible voxels (``fill_box^3`` neighbourhood).
 
-The engine calls it every ``val_every`` steps (:class:`medgauss.engines.PretrainEngine`), prints one line
+The engine calls it every ``val_every`` steps (:class:`medgauss.engines.TrainingEngine`), prints one line
 saying whether the model beats the fill, writes the numbers to TensorBoard and ``validation.jsonl``.
 Evaluation draws no random numbers from the global generators, so it never changes a training run.
+
+**Any validator plugs into the engine** (:class:`Validator`, structural): ``evaluate(model, *, final)``
+returns a :class:`ValidationReport`, an object with
+
+- ``summary() -> str``: the line the engine prints;
+- ``metrics: dict[str, dict[str, float]]``: ``{group: {metric: value}}``, each logged to TensorBoard as
+  ``val/<group>_<metric>`` (NaN values are skipped);
+- ``headline: tuple[str, float]``: the run's main validation number, logged as ``val/<name>``;
+- ``as_dict() -> dict``: JSON-ready record, appended to ``validation.jsonl`` after ``step`` and
+  ``train_seconds``.
+
+The engine calls it on the main process only, inside Accelerate's autocast, with the unwrapped model in
+training mode, and ``final=True`` at the last step (for metrics too slow to compute every time). It must
+leave the model's train / eval mode as it found it and draw nothing from the global RNGs. Example, the
+held-out error of a regression model::
+
+    @dataclass
+    class RegressionReport:
+        mse: float
+
+        @property
+        def metrics(self):
+            return {"model": {"mse": self.mse}}
+
+        @property
+        def headline(self):
+            return ("mse", self.mse)
+
+        def summary(self):
+            return f"held-out MSE {self.mse:.4f}"
+
+        def as_dict(self):
+            return {"metrics": self.metrics}
+
+    class RegressionValidator:
+        def __init__(self, x, y):
+            self.x, self.y = x, y
+
+        @torch.no_grad()
+        def evaluate(self, model, *, final):
+            was_training = model.training
+            model.eval()
+            device = next(model.parameters()).device
+            try:
+                pred = model(self.x.to(device)).float().cpu()
+            finally:
+                model.train(was_training)
+            return RegressionReport(float(((pred - self.y) ** 2).mean()))
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from medgauss.metrics import constant_fill, masked_mse, masked_psnr, masked_ssim, normalized_convolution_fill
 
-__all__ = ["MaskedReconstructionValidator", "ValidationResult", "PREDICTORS"]
+__all__ = ["PREDICTORS", "MaskedReconstructionValidator", "ValidationReport", "ValidationResult", "Validator"]
 
 PREDICTORS = ("model", "constant", "fill")
+
+
+@runtime_checkable
+class ValidationReport(Protocol):
+    """What a :class:`Validator` returns (see the module doc for how the engine logs each member)."""
+
+    metrics: dict[str, dict[str, float]]
+
+    @property
+    def headline(self) -> tuple[str, float]:
+        """``(name, value)``: the main validation number, TensorBoard ``val/<name>``."""
+        ...
+
+    def summary(self) -> str:
+        """One printable line."""
+        ...
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready record for ``validation.jsonl``."""
+        ...
+
+
+@runtime_checkable
+class Validator(Protocol):
+    """Held-out evaluation the engine runs every ``val_every`` steps and at the last one (module doc)."""
+
+    def evaluate(self, model: nn.Module, *, final: bool) -> ValidationReport:
+        """Score ``model``; ``final`` is True at the run's last step."""
+        ...
 
 
 @dataclass
@@ -54,6 +131,11 @@ class ValidationResult:
     @property
     def beats_fill(self) -> bool:
         return self.margin_db > 0
+
+    @property
+    def headline(self) -> tuple[str, float]:
+        """``("margin_over_fill_db", margin_db)``: the engine's TensorBoard ``val/margin_over_fill_db``."""
+        return "margin_over_fill_db", self.margin_db
 
     def summary(self) -> str:
         """One line: the three predictors' PSNR / SSIM and the verdict."""
@@ -122,12 +204,15 @@ class MaskedReconstructionValidator:
         }
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, *, with_ssim: bool = True) -> ValidationResult:
+    def evaluate(self, model: nn.Module, *, with_ssim: bool | None = None, final: bool = True) -> ValidationResult:
         """Score ``model`` (left in the train / eval mode it came in) on the held-out crops.
 
         ``with_ssim=False`` skips the SSIM (NaN in the result), the costly part on a CPU (a 3D SSIM of
-        12 crops of 96^3 takes seconds): the engine computes it at the last step only.
+        12 crops of 96^3 takes seconds). ``with_ssim=None`` (default) computes it when ``final``: the
+        engine passes ``final=True`` at the last step only (:class:`Validator`).
         """
+        if with_ssim is None:
+            with_ssim = bool(final)
         encoder = getattr(model, "encoder", None)
         if encoder is None or not hasattr(encoder, "num_patches"):
             raise ValueError(f"{type(model).__name__} has no encoder.num_patches: not an MAE-style model")

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import Tensor, nn
 
 from medgauss.data import heldout_crops
-from medgauss.engines import MaskedReconstructionValidator, PretrainEngine, build_optimizer
+from medgauss.engines import MaskedReconstructionValidator, TrainingEngine, build_optimizer
 from medgauss.nets.masking import random_masking
 from medgauss.nets.patches import mask_to_volume, patchify
 from tests.engines.tiny_mae import TinyMAE, TinyMaskedLoss
@@ -80,6 +81,11 @@ def test_verdict_separates_an_oracle_from_a_constant(crops):
     mse = ((crops - 0.5) ** 2 * hidden).flatten(1).sum(1) / hidden.flatten(1).sum(1)
     assert constant.metrics["model"]["mse"] == pytest.approx(float(mse.double().mean()), rel=1e-6)
     assert validator.evaluate(FixedMAE("oracle"), with_ssim=False).as_dict()["metrics"]["model"]["ssim"] is None
+    # the engine's protocol: final=False skips the SSIM unless asked for; the headline is the margin
+    assert math.isnan(validator.evaluate(FixedMAE("oracle"), final=False).metrics["model"]["ssim"])
+    asked = validator.evaluate(FixedMAE("oracle"), final=False, with_ssim=True)
+    assert asked.metrics["model"]["ssim"] == pytest.approx(1.0)
+    assert constant.headline == ("margin_over_fill_db", constant.margin_db)
 
 
 def test_evaluation_is_deterministic_and_leaves_the_global_rng_alone(crops):
@@ -116,7 +122,7 @@ class _TinyWithNoise(TinyMAE):
 
 
 def _fit(run_dir, dataset, validator, max_steps=6, **kw):
-    engine = PretrainEngine(run_dir=run_dir, max_steps=max_steps, cpu=True, batch_size=2, log_every=1,
+    engine = TrainingEngine(run_dir=run_dir, max_steps=max_steps, cpu=True, batch_size=2, log_every=1,
                             panel_every=0, progress=False, checkpoint_every=3, **kw)
     torch.manual_seed(0)
     model = _TinyWithNoise()
@@ -135,6 +141,13 @@ def test_engine_validates_every_n_steps_without_changing_training(tmp_path, tiny
     assert lines[0]["metrics"]["model"]["ssim"] is None and lines[-1]["metrics"]["model"]["ssim"] is not None
     assert checked.validation is not None and checked.validation.metrics["model"]["psnr"] == pytest.approx(
         lines[-1]["metrics"]["model"]["psnr"])
-    assert any((checked.run_dir / "tensorboard").iterdir())
+    events = EventAccumulator(str(checked.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/masked_loss", "val/margin_over_fill_db"} <= tags
+    assert {f"val/{p}_{m}" for p in ("model", "constant", "fill") for m in ("mse", "psnr", "ssim")} <= tags
+    assert [e.step for e in events.Scalars("val/margin_over_fill_db")] == [2, 4, 6]
+    assert [e.step for e in events.Scalars("val/model_ssim")] == [6]  # SSIM at the last step only
+    assert events.Scalars("val/margin_over_fill_db")[-1].value == pytest.approx(lines[-1]["margin_db"])
     with pytest.raises(ValueError, match="val_every"):
-        PretrainEngine(run_dir=tmp_path / "bad", max_steps=2, cpu=True, val_every=-1)
+        TrainingEngine(run_dir=tmp_path / "bad", max_steps=2, cpu=True, val_every=-1)

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState, GradientState
 from hydra import compose, initialize_config_dir
 
 from medgauss.data import build_pretrain_dataset
-from medgauss.engines import CheckpointManager, PretrainEngine, build_optimizer
+from medgauss.engines import CheckpointManager, TrainingEngine, build_optimizer
 from medgauss.nets import GaussianMAE, VoxelMAE, list_models, load_pretrained
 from medgauss.nets.zoo import check_overrides
 
@@ -56,7 +56,7 @@ def test_config_keys_are_constructor_arguments(data):
     assert cfg.model.name == "gmae_tiny" and cfg.model.img_size == 96
     assert cfg.optim.lr == 1e-4 and list(cfg.optim.betas) == [0.9, 0.95] and cfg.optim.weight_decay == 0.05
     assert cfg.trainer.seed == 41 and cfg.trainer.grad_clip == 1.0
-    assert set(cfg.trainer) <= set(inspect.signature(PretrainEngine).parameters)
+    assert set(cfg.trainer) <= set(inspect.signature(TrainingEngine).parameters)
     assert set(cfg.optim) <= set(inspect.signature(build_optimizer).parameters) - {"model", "max_steps"}
     assert set(cfg.data.dataset) <= set(inspect.signature(build_pretrain_dataset).parameters) - {"datalist"}
     target = cfg.data.datalist["_target_"]
@@ -205,11 +205,11 @@ def test_single_process_cpu_launch_is_flagged(monkeypatch, tmp_path):
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.warns(RuntimeWarning, match="started ONE process"):
-        PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True)
+        TrainingEngine(run_dir=tmp_path, max_steps=1, cpu=True)
 
 
 def test_ranks_that_fail_to_form_one_group_are_refused(monkeypatch):
-    from medgauss.engines.pretrain import _check_world_size
+    from medgauss.engines.training import _check_world_size
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RuntimeError, match="WORLD_SIZE=2 .* group of 1"):

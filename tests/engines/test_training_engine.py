@@ -1,4 +1,4 @@
-"""PretrainEngine mechanics with a tiny contract-following model: exact resume, crash-safe checkpoints,
+"""TrainingEngine mechanics with a tiny contract-following model: exact resume, crash-safe checkpoints,
 gradient accumulation, outputs (panels, TensorBoard, export), run-dir and argument checks, and the run's
 configuration record across resumes."""
 
@@ -11,8 +11,8 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from medgauss.engines import TRAINER_STATE_FILE, CheckpointManager, PretrainEngine, build_optimizer
-from medgauss.engines.pretrain import config_changes
+from medgauss.engines import TRAINER_STATE_FILE, CheckpointManager, TrainingEngine, build_optimizer
+from medgauss.engines.training import config_changes
 from tests.engines.tiny_mae import TinyMAE, TinyMaskedLoss
 
 
@@ -44,7 +44,7 @@ def _train(run_dir, dataset, *, max_steps, resume=None, stop_after_calls=None, d
         "checkpoint_every": 2,
         **engine_kw,
     }
-    engine = PretrainEngine(run_dir=run_dir, max_steps=max_steps, resume=resume, cpu=True, **engine_kw)
+    engine = TrainingEngine(run_dir=run_dir, max_steps=max_steps, resume=resume, cpu=True, **engine_kw)
     model = TinyMAE(dropout=dropout)
     loss = TinyMaskedLoss(model)
     if stop_after_calls is not None:
@@ -159,7 +159,7 @@ def test_resume_errors_are_explicit(tmp_path, tiny_dataset):
 )
 def test_engine_rejects_bad_arguments(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PretrainEngine(**{"run_dir": tmp_path, "max_steps": 1, "cpu": True, **kwargs})
+        TrainingEngine(**{"run_dir": tmp_path, "max_steps": 1, "cpu": True, **kwargs})
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_dataset):
@@ -171,7 +171,7 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_dataset):
 def test_resumes_keep_the_original_config_and_are_recorded_beside_it(tmp_path, tiny_dataset):
     run = tmp_path / "run"
     config = {"model": {"name": "tiny", "widths": [4, 8]}, "trainer": {"max_steps": 2, "resume": None}}
-    engine = PretrainEngine(run_dir=run, max_steps=2, cpu=True)
+    engine = TrainingEngine(run_dir=run, max_steps=2, cpu=True)
     assert engine.save_config(config) == run.resolve() / "config.yaml"
     original = (run / "config.yaml").read_text()
     assert yaml.safe_load(original) == config
@@ -179,7 +179,7 @@ def test_resumes_keep_the_original_config_and_are_recorded_beside_it(tmp_path, t
 
     for k, max_steps in ((1, 3), (2, 4)):
         later = {"model": config["model"], "trainer": {"max_steps": max_steps, "resume": "latest"}, "new": k}
-        engine = PretrainEngine(run_dir=run, max_steps=max_steps, cpu=True, resume="latest")
+        engine = TrainingEngine(run_dir=run, max_steps=max_steps, cpu=True, resume="latest")
         overrides = [f"trainer.max_steps={max_steps}", "trainer.resume=latest"]
         assert engine.save_config(later, overrides) == run.resolve() / f"config.resume-{k}.yaml"
         assert (run / "config.yaml").read_text() == original
@@ -196,14 +196,14 @@ def test_resumes_keep_the_original_config_and_are_recorded_beside_it(tmp_path, t
     }
 
     # A fresh start in the same directory is a new run: its config replaces the old one and its records.
-    PretrainEngine(run_dir=run, max_steps=1, cpu=True).save_config({"fresh": True})
+    TrainingEngine(run_dir=run, max_steps=1, cpu=True).save_config({"fresh": True})
     assert yaml.safe_load((run / "config.yaml").read_text()) == {"fresh": True}
     assert not (run / "resumes.yaml").exists() and not list(run.glob("config.resume-*.yaml"))
 
 
 def test_resume_without_an_original_config_is_still_recorded(tmp_path, tiny_dataset):
     _train(tmp_path / "run", tiny_dataset, max_steps=1)  # engine used without save_config
-    engine = PretrainEngine(run_dir=tmp_path / "run", max_steps=2, cpu=True, resume="latest")
+    engine = TrainingEngine(run_dir=tmp_path / "run", max_steps=2, cpu=True, resume="latest")
     engine.save_config({"a": 1})
     (record,) = yaml.safe_load((tmp_path / "run" / "resumes.yaml").read_text())
     assert record["changed"] is None and record["overrides"] is None and record["step"] == 1
@@ -211,13 +211,13 @@ def test_resume_without_an_original_config_is_still_recorded(tmp_path, tiny_data
 
 
 def test_save_config_rejects_what_it_cannot_write(tmp_path):
-    engine = PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True)
+    engine = TrainingEngine(run_dir=tmp_path, max_steps=1, cpu=True)
     with pytest.raises(ValueError, match="config must be a mapping"):
         engine.save_config(["not", "a", "mapping"])
     with pytest.raises(ValueError, match="plain values"):
         engine.save_config({"path": tmp_path})
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        PretrainEngine(run_dir=tmp_path, max_steps=1, cpu=True, resume="latest").save_config({})
+        TrainingEngine(run_dir=tmp_path, max_steps=1, cpu=True, resume="latest").save_config({})
 
 
 def test_config_changes_lists_dotted_keys_that_differ():

@@ -1,17 +1,34 @@
-"""Masked-pretraining loop on Accelerate: one run directory for all ranks, exact resume, logs and panels.
+"""The training loop on Accelerate, for every recipe: one run directory for all ranks, exact resume, logs, panels.
 
-Usage (what ``recipes/medgmae_pretrain.py`` does)::
+One engine runs every kind of training (masked pretraining, feed-forward CT reconstruction, fine-tuning):
+the recipe plugs in its step as a *task* (:class:`medgauss.engines.tasks.TrainTask`: ``loss_label`` and
+``compute_loss(model, batch, device) -> (loss, out)``, optionally ``panel``) and, optionally, a held-out
+*validator* (:class:`medgauss.engines.validation.Validator`). Masked pretraining (what
+``recipes/medgmae_pretrain.py`` does)::
 
-    engine = PretrainEngine(run_dir="runs/x", max_steps=300, batch_size=2)   # seeds every RNG
+    engine = TrainingEngine(run_dir="runs/x", max_steps=300, batch_size=2)   # seeds every RNG
     model = create_model("gmae_tiny")                                        # built after seeding
     optimizer, scheduler = build_optimizer(model, max_steps=300)
-    result = engine.fit(model, pretrain_loss_for(model), dataset, optimizer, scheduler)
+    task = MaskedPretrainTask(pretrain_loss_for(model))    # a bare loss module is wrapped the same way
+    result = engine.fit(model, task, dataset, optimizer, scheduler, validator=validator)
+
+Any other task (see :mod:`medgauss.engines.tasks` for a complete regression example)::
+
+    result = engine.fit(model, RegressionTask(), dataset, optimizer, scheduler, validator=RegressionValidator(...))
+
+**Datasets.** Map-style and addressed by a global integer sample id: rank ``r`` of ``W`` reads
+``dataset[r]``, ``dataset[r + W]``, ``dataset[r + 2W]``, ... without end (:class:`ShardedSampleSampler`),
+so the engine resumes a run by skipping ``step * batch_size * grad_accum_steps`` ids per rank and never
+needs the dataset's length; a finite collection can be cycled (``item(sample_id % n)``). Items go through
+the DataLoader's default collate. A dataset that is built for one rank says so with ``rank`` /
+``world_size`` attributes (optional; checked against the process group). ``record_samples`` needs a
+``"sample_id"`` entry in every batch.
 
 Data order is a pure function of (data seed, world size, global sample id) (see :mod:`medgauss.data.dataset`), and
 the model's own randomness (masking, drop path) comes from the torch RNG that the checkpoint restores,
 so ``resume`` continues with exactly the losses an uninterrupted run would have produced.
 
-The run's configuration (:meth:`PretrainEngine.save_config`): ``config.yaml`` is written when the run
+The run's configuration (:meth:`TrainingEngine.save_config`): ``config.yaml`` is written when the run
 starts from step 0 and never rewritten by a resume; resume ``k`` writes ``config.resume-<k>.yaml`` (the
 configuration of that call) and appends ``{resume, time, step, from_checkpoint, config, overrides,
 changed}`` to ``resumes.yaml``.
@@ -36,20 +53,20 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from medgauss.data import PretrainCropDataset, ShardedSampleSampler
+from medgauss.data import ShardedSampleSampler
 from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager, write_atomic
-from medgauss.engines.panels import panel_from_output, save_slice_panel
-from medgauss.engines.validation import MaskedReconstructionValidator, ValidationResult
+from medgauss.engines.tasks import TrainTask, as_task
+from medgauss.engines.validation import ValidationReport, Validator
 
 __all__ = [
     "CONFIG_FILE",
     "RESUMES_FILE",
     "VALIDATION_FILE",
-    "PretrainEngine",
     "TrainResult",
+    "TrainingEngine",
     "config_changes",
     "loss_summary",
 ]
@@ -90,16 +107,17 @@ def config_changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[
 
 @dataclass
 class TrainResult:
-    """Outcome of :meth:`PretrainEngine.fit` (identical on every rank).
+    """Outcome of :meth:`TrainingEngine.fit` (identical on every rank).
 
     Attributes:
-        losses: masked-region loss of every optimizer step of the run (rank-averaged), including the steps
-            done before a resume.
+        losses: the task's loss of every optimizer step of the run (rank-averaged, mean over the micro-batches),
+            including the steps done before a resume.
         run_dir: the shared run directory.
         export_dir: where the final ``save_pretrained`` export went (``None`` if the model has no
             ``save_pretrained``).
         wall_time_s: seconds spent in this call.
         resumed_from: checkpoint this call started from, if any.
+        summary: :func:`loss_summary` of ``losses``, with the task's loss label.
         validation: the last held-out validation (``None`` without a validator).
     """
 
@@ -109,7 +127,7 @@ class TrainResult:
     wall_time_s: float
     resumed_from: Path | None = None
     summary: str = field(default="")
-    validation: ValidationResult | None = None
+    validation: ValidationReport | None = None
 
 
 def _check_world_size(num_processes: int) -> None:
@@ -141,21 +159,25 @@ def _warn_if_cpu_launch_collapsed(num_processes: int) -> None:
         )
 
 
-def loss_summary(losses: list[float], window: int | None = None) -> str:
-    """``"loss start A (mean of first k steps) -> end B (mean of last k), change -x%"``."""
+def loss_summary(losses: list[float], window: int | None = None, label: str = "masked-region loss") -> str:
+    """``"<label>: start A (mean of first k steps) -> end B (mean of last k), change -x%"``."""
     if not losses:
         return "no step run"
     k = window or max(1, min(10, len(losses) // 10))
     start, end = sum(losses[:k]) / k, sum(losses[-k:]) / k
     change = 100.0 * (end - start) / start if start else float("nan")
     return (
-        f"masked-region loss: start {start:.5f} (mean of first {k} steps) -> end {end:.5f} "
+        f"{label}: start {start:.5f} (mean of first {k} steps) -> end {end:.5f} "
         f"(mean of last {k} steps), change {change:+.1f}% over {len(losses)} steps"
     )
 
 
-class PretrainEngine:
-    """Masked-image pretraining on Accelerate (CPU, one or several GPUs, multi-process CPU).
+class TrainingEngine:
+    """The training loop of every recipe on Accelerate (CPU, one or several GPUs, multi-process CPU).
+
+    :meth:`fit` runs any :class:`~medgauss.engines.tasks.TrainTask` (masked pretraining:
+    :class:`~medgauss.engines.tasks.MaskedPretrainTask`) with any
+    :class:`~medgauss.engines.validation.Validator`.
 
     Constructing the engine creates the ``Accelerator``, seeds every RNG (build the model AFTER it) and fixes
     the run directory: the main process's ``run_dir`` is broadcast to every rank, so per-rank differences
@@ -171,7 +193,8 @@ class PretrainEngine:
         seed: seed of model init / masking RNGs (rank ``r`` uses ``seed + r``).
         num_workers: DataLoader worker processes per rank.
         log_every: print + TensorBoard every this many steps.
-        panel_every: PNG panel every this many steps and at the last step (``0``: never).
+        panel_every: PNG panel (the task's ``panel`` hook, if it has one) under ``run_dir/panels`` every this
+            many steps, at step 1 and at the last step (``0``: never).
         checkpoint_every: checkpoint every this many steps and at the last step (``0``: only the last step).
         keep_checkpoints: complete checkpoints kept (``0``: all).
         resume: ``None`` | ``"latest"`` | ``"auto"`` | checkpoint path (:meth:`CheckpointManager.resolve`).
@@ -179,12 +202,14 @@ class PretrainEngine:
         progress: show a tqdm bar (main process only).
         tensorboard: write TensorBoard scalars under ``run_dir/tensorboard`` (main process only).
         val_every: held-out validation every this many steps and at the last step, when :meth:`fit` gets a
-            ``validator`` (``0``: only at the last step): masked-region PSNR / SSIM beside the trivial fills,
-            printed with a verdict, logged to TensorBoard (``val/*``) and appended to ``validation.jsonl``
-            with the step and the training seconds so far (learning curves by step and by wall-clock).
-            SSIM is computed at the last step only (seconds per call on a CPU); MSE and PSNR every time.
+            ``validator`` (``0``: only at the last step): its summary is printed, its metrics logged to
+            TensorBoard (``val/*``) and appended to ``validation.jsonl`` with the step and the training
+            seconds so far (learning curves by step and by wall-clock). The validator is told which call is
+            the last (``final=True``); :class:`MaskedReconstructionValidator` computes its costly SSIM then
+            only (seconds per call on a CPU), MSE and PSNR every time.
         record_samples: write ``run_dir/sample_ids_<first>-<last step>.json``: the sample ids each rank
-            trained on in this call (a data-order audit, e.g. to check per-rank sharding).
+            trained on in this call (a data-order audit, e.g. to check per-rank sharding); the batches must
+            carry a ``"sample_id"`` entry.
     """
 
     def __init__(
@@ -339,7 +364,7 @@ class PretrainEngine:
         if self.is_main_process:
             tqdm.write(message)
 
-    def _loader(self, dataset: PretrainCropDataset, start_sample: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, start_sample: int) -> DataLoader:
         acc = self.accelerator
         shard = (getattr(dataset, "rank", 0), getattr(dataset, "world_size", 1))
         if shard[1] > 1 and shard != (acc.process_index, acc.num_processes):
@@ -364,31 +389,42 @@ class PretrainEngine:
     def fit(
         self,
         model: nn.Module,
-        loss_fn: nn.Module,
-        dataset: PretrainCropDataset,
+        task: TrainTask | nn.Module,
+        dataset: Dataset,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
-        validator: MaskedReconstructionValidator | None = None,
+        validator: Validator | None = None,
     ) -> TrainResult:
         """Train to ``max_steps`` (resuming first if asked), checkpoint, and export the model.
 
         Args:
-            model: pretraining model following the MedGMAE contract (``out = model(images)``; optional
-                ``reconstruct`` / ``mask_to_volume`` for panels and ``save_pretrained`` for the export).
-            loss_fn: ``loss_fn(out, images) -> scalar``.
-            dataset: sample-id addressed dataset (``dataset[i]["image"]`` ``[1, D, H, W]``).
+            model: the model the task trains (optional ``save_pretrained(dir)`` for the final export).
+            task: the step (:class:`~medgauss.engines.tasks.TrainTask`); a plain loss module
+                ``loss_fn(out, images) -> scalar`` means masked pretraining,
+                ``MaskedPretrainTask(loss_fn)`` (the model then follows the MedGMAE contract).
+            dataset: map-style dataset addressed by global sample id (module doc), e.g. a
+                :class:`~medgauss.data.PretrainCropDataset` (``dataset[i]["image"]`` ``[1, D, H, W]``).
             optimizer, scheduler: from :func:`medgauss.engines.build_optimizer` (the scheduler is stepped
                 once per optimizer step and checkpointed).
-            validator: held-out validation run every ``val_every`` steps and at the last step (main
-                process; it draws no global random numbers, so resume stays exact).
+            validator: held-out validation (:class:`~medgauss.engines.validation.Validator`) run every
+                ``val_every`` steps and at the last step (main process; it draws no global random numbers,
+                so resume stays exact).
 
         Returns:
             :class:`TrainResult`.
+
+        Raises:
+            ValueError: ``task`` is not a task, the dataset is sharded for another rank, ``record_samples``
+                with batches that carry no ``"sample_id"``, or a checkpoint of another world size.
+            FloatingPointError: a non-finite loss.
         """
+        task = as_task(task)
+        loss_label = str(task.loss_label)
+        loss_tag = str(getattr(task, "loss_tag", "loss"))
+        panel = getattr(task, "panel", None)
         t0 = time.perf_counter()
         acc = self.accelerator
         model, optimizer = acc.prepare(model, optimizer)
-        loss_fn = loss_fn.to(acc.device)
         acc.register_for_checkpointing(scheduler)
         raw_model = acc.unwrap_model(model)
 
@@ -410,14 +446,14 @@ class PretrainEngine:
                 )
         losses: list[float] = list(state["losses"])
         train_seconds = float(state.get("train_seconds", 0.0))  # training time of the whole run, no validation
-        validation: ValidationResult | None = None
+        validation: ValidationReport | None = None
         step = int(state["step"])
         batches = iter(self._loader(dataset, int(state["samples_per_rank"])))
         writer = self._writer()
         bar = tqdm(
             total=self.max_steps,
             initial=step,
-            desc="pretrain",
+            desc=loss_label,
             disable=not (self.progress and self.is_main_process),
             dynamic_ncols=True,
         )
@@ -428,14 +464,17 @@ class PretrainEngine:
             loss_sum = torch.zeros((), device=acc.device)
             for micro in range(self.grad_accum_steps):
                 batch = next(batches)
-                images = batch["image"].to(acc.device, non_blocking=True)
                 if self.record_samples:
-                    seen.extend(int(i) for i in batch["sample_id"])
+                    seen.extend(_sample_ids(batch))
                 last = micro == self.grad_accum_steps - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
                     with acc.autocast():
-                        out = model(images)
-                        loss = loss_fn(out, images)
+                        loss, out = task.compute_loss(model, batch, acc.device)
+                    if not torch.is_tensor(loss) or loss.numel() != 1:
+                        raise ValueError(
+                            f"{type(task).__name__}.compute_loss must return (scalar loss tensor, out), got a loss "
+                            f"of type {type(loss).__name__} and shape {tuple(getattr(loss, 'shape', ()))}"
+                        )
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}")
                     acc.backward(loss / self.grad_accum_steps)
@@ -453,16 +492,21 @@ class PretrainEngine:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.5f}", lr=f"{lr:.2e}")
             if step % self.log_every == 0 or step == self.max_steps or step == 1:
-                self.print(f"step {step}/{self.max_steps} masked-region loss {step_loss:.5f} lr {lr:.3e}")
+                self.print(f"step {step}/{self.max_steps} {loss_label} {step_loss:.5f} lr {lr:.3e}")
                 if writer is not None:
-                    writer.add_scalar("train/masked_loss", step_loss, step)
+                    writer.add_scalar(f"train/{loss_tag}", step_loss, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/step_time_s", time.perf_counter() - t_step, step)
                     if grad_norm is not None:
                         writer.add_scalar("train/grad_norm", float(grad_norm), step)
             train_seconds += time.perf_counter() - t_step
-            if self.panel_every and (step % self.panel_every == 0 or step == self.max_steps or step == 1):
-                self._panel(raw_model, out, images, step)
+            if (
+                panel is not None
+                and self.is_main_process
+                and self.panel_every
+                and (step % self.panel_every == 0 or step == self.max_steps or step == 1)
+            ):  # of the last micro-batch, from its outputs already computed (the hook draws no RNG)
+                panel(raw_model, out, batch, self.run_dir / "panels" / f"step_{step:08d}.png", step)
             if validator is not None and (
                 (self.val_every and step % self.val_every == 0) or step == self.max_steps
             ):
@@ -483,7 +527,7 @@ class PretrainEngine:
         if self.record_samples:
             self._write_sample_ids(seen, first_step, step)
         export_dir = self._export(raw_model)
-        summary = loss_summary(losses)
+        summary = loss_summary(losses, label=loss_label)
         self.print(summary)
         wall = time.perf_counter() - t0
         self.print(f"wall time {wall:.1f} s; run dir {self.run_dir}")
@@ -491,14 +535,14 @@ class PretrainEngine:
 
     # ------------------------------------------------------------------ outputs
     def _validate(
-        self, model: nn.Module, validator: MaskedReconstructionValidator, step: int, train_seconds: float, writer
-    ) -> ValidationResult:
+        self, model: nn.Module, validator: Validator, step: int, train_seconds: float, writer
+    ) -> ValidationReport:
         """Held-out validation on the main process; every rank returns the same result."""
         acc = self.accelerator
         result = [None]
         if self.is_main_process:
             with acc.autocast():
-                res = validator.evaluate(model, with_ssim=step == self.max_steps)  # SSIM is costly on CPU
+                res = validator.evaluate(model, final=step == self.max_steps)
             result[0] = res
             self.print(f"val step {step}: {res.summary()}")
             if writer is not None:
@@ -506,7 +550,8 @@ class PretrainEngine:
                     for metric, value in values.items():
                         if not math.isnan(value):
                             writer.add_scalar(f"val/{name}_{metric}", value, step)
-                writer.add_scalar("val/margin_over_fill_db", res.margin_db, step)
+                headline, value = res.headline
+                writer.add_scalar(f"val/{headline}", value, step)
             record = {"step": step, "train_seconds": round(train_seconds, 3), **res.as_dict()}
             with open(self.run_dir / VALIDATION_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -521,25 +566,6 @@ class PretrainEngine:
 
         return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
 
-    def _panel(self, model: nn.Module, out, images: torch.Tensor, step: int) -> None:
-        """Panel of sample 0 of the last micro-batch, from outputs already computed (no RNG is consumed)."""
-        if not self.is_main_process or not hasattr(model, "reconstruct"):
-            return
-        was_training = model.training
-        model.eval()
-        try:
-            pieces = panel_from_output(model, out, images)
-        finally:
-            model.train(was_training)
-        save_slice_panel(
-            self.run_dir / "panels" / f"step_{step:08d}.png",
-            pieces["image"],
-            pieces["hidden"],
-            pieces["reconstruction"],
-            centres=pieces["centres"],
-            title=f"step {step}",
-        )
-
     def _write_sample_ids(self, seen: list[int], first_step: int, last_step: int) -> None:
         by_rank = gather_object([seen]) if self.accelerator.num_processes > 1 else [seen]
         if self.is_main_process:
@@ -553,3 +579,17 @@ class PretrainEngine:
             model.save_pretrained(export_dir)
         self.accelerator.wait_for_everyone()
         return export_dir if hasattr(model, "save_pretrained") else None
+
+
+"""The original name of :class:`TrainingEngine` (the same class)."""
+
+
+def _sample_ids(batch: Any) -> list[int]:
+    """The ``"sample_id"`` entries of a collated batch (for ``record_samples``)."""
+    if not isinstance(batch, Mapping) or "sample_id" not in batch:
+        raise ValueError(
+            "record_samples=True needs batches with a 'sample_id' entry (dataset items as dicts holding their "
+            f"sample id), got a batch of type {type(batch).__name__}"
+            + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
+        )
+    return [int(i) for i in batch["sample_id"]]
