@@ -1,4 +1,5 @@
-"""Data for Gaussian masked pretraining: datalists, MONAI pipelines, cached crop datasets, phantoms.
+"""Data: datalists, MONAI pipelines, cached crop datasets, phantoms (pretraining), and the X-GRM
+reconstruction cases built from the bundled CT and phantoms (``build_xgrm_dataset``).
 
 Typical use::
 
@@ -31,6 +32,15 @@ from medgauss.data.phantom import PHANTOM_HU, PHANTOM_LABELS, make_ct_phantom, w
 from medgauss.data.sampling import SampleSchedule, ShardedSampleSampler, distributed_rank
 from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
 from medgauss.data.volume_cache import CACHE_FORMAT
+from medgauss.data.xgrm_cases import (
+    XGRM_CPU_PREPARE,
+    CaseTransform,
+    XGRMCases,
+    build_xgrm_dataset,
+    draw_case_transform,
+    resample_case,
+    xgrm_prepare_config,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -56,4 +66,11 @@ __all__ = [
     "sample_seed",
     "shard_datalist",
     "write_phantom_dataset",
+    "XGRM_CPU_PREPARE",
+    "CaseTransform",
+    "XGRMCases",
+    "build_xgrm_dataset",
+    "draw_case_transform",
+    "resample_case",
+    "xgrm_prepare_config",
 ]
