@@ -3,6 +3,7 @@ registry (``create_model``), safetensors persistence and export of encoders to M
 
 from medgauss.nets import zoo  # noqa: F401  (registers the named sizes)
 from medgauss.nets.gaussian_mae import GaussianMAE, GaussianMAEOutput
+from medgauss.nets.ilrm import IterativeGaussianDecoder
 from medgauss.nets.masking import MaskingResult, random_masking
 from medgauss.nets.monai_export import encoder_to_monai_state_dict, monai_vit_kwargs
 from medgauss.nets.pretrained import load_pretrained
@@ -31,4 +32,5 @@ __all__ = [
     "VoxGSDecoder",
     "geometry_inputs",
     "subvolume_geometry",
+    "IterativeGaussianDecoder",
 ]

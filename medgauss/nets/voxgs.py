@@ -37,6 +37,10 @@ from medgauss.gaussians import Gaussians
 
 __all__ = [
     "VoxGSDecoder",
+    "activate_voxel_gaussians",
+    "NUM_PARAMS",
+    "NUM_SHIFT",
+    "OPACITY_BIAS_INIT",
     "UNIT_MASS_SCALE",
     "check_grid",
     "check_box",
@@ -55,9 +59,9 @@ UNIT_MASS_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
 (line integrals) like the voxel volume itself, so it is the decoder's initial scale."""
 
 # Initial opacity softplus(-2.25) = 0.1 (volumes normalised to [0, 1] are mostly dark).
-_OPACITY_BIAS_INIT = -2.25
-_NUM_PARAMS = 8  # opacity 1, scale 3, rotation 4
-_NUM_SHIFT = 3
+OPACITY_BIAS_INIT = -2.25
+NUM_PARAMS = 8  # opacity 1, scale 3, rotation 4
+NUM_SHIFT = 3
 
 
 # ---------------------------------------------------------------------------------------------- grids
@@ -279,7 +283,7 @@ class VoxGSDecoder(nn.Module):
             raise ValueError(f"max_shift must be a positive number of voxels, got {max_shift!r}")
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.shift, self.max_shift = bool(shift), float(max_shift)
-        outputs = _NUM_PARAMS + (_NUM_SHIFT if shift else 0)
+        outputs = NUM_PARAMS + (NUM_SHIFT if shift else 0)
         widths = [feature_dim] + [hidden_dim] * (num_layers - 1) + [outputs]
         layers: list[nn.Module] = []
         for i, (n_in, n_out) in enumerate(zip(widths[:-1], widths[1:])):
@@ -298,7 +302,7 @@ class VoxGSDecoder(nn.Module):
         init_scale = min(max(UNIT_MASS_SCALE, self.min_scale * 1.01), self.max_scale * 0.99)
         fraction = (init_scale - self.min_scale) / (self.max_scale - self.min_scale)
         with torch.no_grad():
-            head.bias[0] = _OPACITY_BIAS_INIT
+            head.bias[0] = OPACITY_BIAS_INIT
             head.bias[1:4] = math.log(fraction / (1.0 - fraction))
             head.bias[4] = 1.0  # identity rotation (w = 1)
 
@@ -352,15 +356,27 @@ class VoxGSDecoder(nn.Module):
         return raw.to(torch.promote_types(raw.dtype, torch.float32))
 
     def _activate(self, raw: Tensor, centres: Tensor, grid_affine: Tensor) -> Gaussians:
-        with torch.autocast(device_type=raw.device.type, enabled=False):
-            lin = grid_affine[:, :3, :3]
-            voxel_mm = torch.linalg.det(lin).abs().pow(1.0 / 3.0).to(raw.dtype)  # [B]
-            intensities = F.softplus(raw[..., 0])
-            scales_vox = self.min_scale + (self.max_scale - self.min_scale) * torch.sigmoid(raw[..., 1:4])
-            scales = scales_vox * voxel_mm[:, None, None]
-            quats = F.normalize(raw[..., 4:8], dim=-1, eps=1e-12)
-            means = centres
-            if self.shift:
-                offset_vox = self.max_shift * torch.tanh(raw[..., 8:11])  # along array axes (d, h, w)
-                means = means + offset_vox @ lin.transpose(1, 2).to(raw.dtype)
-        return Gaussians(means, scales, quats, intensities, validate=False)
+        return activate_voxel_gaussians(raw, centres, grid_affine, self.min_scale, self.max_scale, self.shift,
+                                        self.max_shift)
+
+
+def activate_voxel_gaussians(raw: Tensor, centres: Tensor, grid_affine: Tensor, min_scale: float, max_scale: float,
+                             shift: bool, max_shift: float) -> Gaussians:
+    """The VoxGS activation: raw values ``[B, N, 8 | 11]`` at voxel ``centres [B, N, 3]`` mm -> Gaussians.
+
+    Opacity ``softplus`` (the CT value), scales ``min + (max - min) sigmoid`` in units of the mean voxel
+    edge ``|det A|^{1/3}`` of ``grid_affine [B, 4, 4]`` then mm, normalised quaternions, and with ``shift``
+    a ``max_shift tanh`` offset (voxels along the array axes); float32 also under autocast. Shared by
+    :class:`VoxGSDecoder` and :class:`medgauss.nets.ilrm.IterativeGaussianDecoder`.
+    """
+    with torch.autocast(device_type=raw.device.type, enabled=False):
+        lin = grid_affine[:, :3, :3]
+        voxel_mm = torch.linalg.det(lin).abs().pow(1.0 / 3.0).to(raw.dtype)  # [B]
+        intensities = F.softplus(raw[..., 0])
+        scales = (min_scale + (max_scale - min_scale) * torch.sigmoid(raw[..., 1:4])) * voxel_mm[:, None, None]
+        quats = F.normalize(raw[..., 4:8], dim=-1, eps=1e-12)
+        means = centres
+        if shift:
+            offset_vox = max_shift * torch.tanh(raw[..., 8:11])
+            means = means + offset_vox @ lin.transpose(1, 2).to(raw.dtype)
+    return Gaussians(means, scales, quats, intensities, validate=False)

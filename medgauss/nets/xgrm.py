@@ -55,7 +55,7 @@ from medgauss.nets.blocks import init_linear_and_norm, transformer_blocks
 from medgauss.nets.pretrained import PretrainedMixin, config_from_locals
 from medgauss.nets.voxgs import VoxGSDecoder, box_affine, check_box, check_grid
 
-__all__ = ["XGRM", "XGRMOutput", "POSE_CONDITIONING", "geometry_inputs", "normalize_plucker",
+__all__ = ["XGRM", "XGRMOutput", "POSE_CONDITIONING", "geometry_inputs", "normalize_plucker", "grid_frame",
            "modulated_layer_norm", "load_vit_weights"]
 
 POSE_CONDITIONING = ("modln", "add", "none")
@@ -120,7 +120,7 @@ def normalize_plucker(plucker: Tensor, centre: Tensor, radius: Tensor) -> Tensor
     return torch.cat((d, moment), dim=2)
 
 
-def _grid_frame(grid_shape: tuple[int, int, int], affine: Tensor) -> tuple[Tensor, Tensor]:
+def grid_frame(grid_shape: tuple[int, int, int], affine: Tensor) -> tuple[Tensor, Tensor]:
     """Centre ``[B, 3]`` (world mm) and half the longest edge ``[B]`` (mm) of grids ``affine [B, 4, 4]``."""
     shape = torch.tensor(grid_shape, dtype=torch.float64, device=affine.device)
     centre = affine[:, :3, :3] @ ((shape - 1) / 2) + affine[:, :3, 3]
@@ -199,6 +199,11 @@ class XGRM(PretrainedMixin, nn.Module):
             ``weights_only=True``) of a timm / DINO ViT whose patch embedding, position embedding, blocks
             and final norm initialise the per-view encoder (:func:`load_vit_weights`). Nothing is ever
             downloaded. Not stored in the saved config: a checkpoint holds the weights themselves.
+        decoder: ``"voxgs"`` (:class:`~medgauss.nets.voxgs.VoxGSDecoder`, the paper's) or ``"iterative"``
+            (:class:`~medgauss.nets.ilrm.IterativeGaussianDecoder`, iLRM-style query refinement; it reads
+            ``feature_dim``, ``min_scale``, ``max_scale``, ``shift`` and ``max_shift``, not ``decoder_hidden`` /
+            ``decoder_layers``).
+        decoder_options: further keyword arguments of the iterative decoder (``None`` for ``"voxgs"``).
 
     ``forward(projections, projection_matrices, plucker, grid_shape, grid_affine) -> XGRMOutput``;
     :meth:`geometry_inputs` builds every argument after ``projections`` from a geometry, and
@@ -212,7 +217,8 @@ class XGRM(PretrainedMixin, nn.Module):
                  feature_dim: int = 64, upsample_factor: int = 4, decoder_hidden: int = 128,
                  decoder_layers: int = 3, min_scale: float = 0.25, max_scale: float = 1.0, shift: bool = False,
                  max_shift: float = 0.5, projection_scale: float = 0.01, drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False, chunk_size: int = 65536, pretrained: str | None = None) -> None:
+                 grad_checkpointing: bool = False, chunk_size: int = 65536, pretrained: str | None = None,
+                 decoder: str = "voxgs", decoder_options: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.init_config = config_from_locals(locals())
         self.init_config["pretrained"] = None
@@ -240,8 +246,19 @@ class XGRM(PretrainedMixin, nn.Module):
                                          drop_path_rate)
         self.fusion_norm = nn.LayerNorm(fusion_size)
         self.upsample = nn.Linear(fusion_size, upsample_factor ** 2 * feature_dim)
-        self.decoder = VoxGSDecoder(feature_dim, decoder_hidden, decoder_layers, min_scale, max_scale, shift,
-                                    max_shift)
+        # --- decoder choice (issue 10: "voxgs" | "iterative", swappable by config) ---
+        self.decoder_kind = decoder
+        if decoder == "voxgs":
+            if decoder_options:
+                raise ValueError(f"decoder_options are for decoder='iterative'; got {decoder_options!r} with 'voxgs'")
+            self.decoder = VoxGSDecoder(feature_dim, decoder_hidden, decoder_layers, min_scale, max_scale, shift,
+                                        max_shift)
+        elif decoder == "iterative":
+            from medgauss.nets.ilrm import build_iterative_decoder  # ilrm imports this module
+
+            self.decoder = build_iterative_decoder(feature_dim, min_scale, max_scale, shift, max_shift, decoder_options)
+        else:
+            raise ValueError(f"decoder must be 'voxgs' or 'iterative', got {decoder!r}")
         for module in (self.fusion_in, self.fusion, self.fusion_norm, self.upsample):
             module.apply(init_linear_and_norm)
         self.grad_checkpointing = bool(grad_checkpointing)
@@ -324,7 +341,7 @@ class XGRM(PretrainedMixin, nn.Module):
         images = images.to(self.encoder.patch_embed.weight.dtype)
         rays = None
         if plucker is not None and self.pose_conditioning != "none":
-            centre, radius = _grid_frame(grid_shape, grid_affine.to(plucker.device))
+            centre, radius = grid_frame(grid_shape, grid_affine.to(plucker.device))
             rays = normalize_plucker(plucker, centre, radius).flatten(0, 1)
         tokens = self.encoder(images, rays)  # [BK, L, hidden]
         x = self.fusion_in(tokens).reshape(b, k * tokens.shape[1], -1)
@@ -367,8 +384,12 @@ class XGRM(PretrainedMixin, nn.Module):
         start, size = check_box(box_start, box_size, shape, b, device=affine.device)
         chunk = self._check_chunk(self.chunk_size if chunk_size is None else chunk_size)
         maps = self.encode_views(projections, plucker, shape, affine)
-        gaussians = self.decoder(maps, projection_matrices, self.img_size, affine, start, size, chunk,
-                                 self.grad_checkpointing)
+        if self.decoder_kind == "iterative":  # its query lattice spans the whole grid, not the box
+            gaussians = self.decoder(maps, projection_matrices, self.img_size, affine, start, size, chunk,
+                                     self.grad_checkpointing, grid_shape=shape)
+        else:
+            gaussians = self.decoder(maps, projection_matrices, self.img_size, affine, start, size, chunk,
+                                     self.grad_checkpointing)
         volume = gaussians.intensities.reshape(b, 1, *size)
         return XGRMOutput(gaussians, volume, start, size, box_affine(affine, start))
 

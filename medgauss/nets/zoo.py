@@ -193,3 +193,35 @@ def xgrm_base(**overrides: Any) -> XGRM:
 
 
 __all__ += ["XGRM_SIZES", "XGRM_GRID_SIZES"]
+
+
+# ------------------------------------------------------------- X-GRM with the iLRM-style iterative decoder
+#
+# xgrm_tiny_iterative: the xgrm_tiny encoder and fusion ViT with feature maps at twice the token grid (8 x 8
+# per 64^2 view, 64 image tokens per view), decoded by IterativeGaussianDecoder: one query per 4^3 voxels
+# (8^3 queries on the 32^3 grid), windows of 4^3 queries, 2 layers of width 128 (4 heads, MLP 512), 32
+# features per cell; plain cross-attention, no uplifting (decoder_options turns both on).
+# decoder_options passed as an override are merged into these.
+
+XGRM_ITERATIVE_OPTIONS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=128, num_layers=2, num_heads=4, mlp_dim=512, block_size=4, window_size=4,
+                 cell_dim=32, cross_attention_groups=1, cross_attention_schedule="layer", uplift=1),
+}
+
+
+def _xgrm_iterative(size: str, overrides: dict[str, Any]) -> XGRM:
+    check_overrides(XGRM, overrides)
+    if overrides.get("decoder", "iterative") != "iterative":
+        raise ValueError(f"decoder={overrides['decoder']!r} contradicts an *_iterative model name; "
+                         "use the name without _iterative for the VoxGS decoder")
+    options = {**XGRM_ITERATIVE_OPTIONS[size], **(overrides.get("decoder_options") or {})}
+    kwargs = {**XGRM_SIZES[size], "upsample_factor": 2, **overrides}
+    return XGRM(**{**kwargs, "decoder": "iterative", "decoder_options": options})
+
+
+@register_model
+def xgrm_tiny_iterative(**overrides: Any) -> XGRM:
+    return _xgrm_iterative("tiny", overrides)
+
+
+__all__ += ["XGRM_ITERATIVE_OPTIONS"]
