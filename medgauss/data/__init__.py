@@ -41,6 +41,13 @@ from medgauss.data.xgrm_cases import (
     resample_case,
     xgrm_prepare_config,
 )
+from medgauss.data.xgrm_samples import (
+    XGRM_VIEW_COUNTS,
+    XGRMSampleDataset,
+    box_size_for,
+    collate_xgrm_samples,
+    rotated_even_views,
+)
 
 __all__ = [
     "CACHE_FORMAT",
@@ -73,4 +80,9 @@ __all__ = [
     "draw_case_transform",
     "resample_case",
     "xgrm_prepare_config",
+    "XGRM_VIEW_COUNTS",
+    "XGRMSampleDataset",
+    "box_size_for",
+    "collate_xgrm_samples",
+    "rotated_even_views",
 ]

@@ -20,7 +20,8 @@ Any other task (see :mod:`medgauss.engines.tasks` for a complete regression exam
 ``dataset[r]``, ``dataset[r + W]``, ``dataset[r + 2W]``, ... without end (:class:`ShardedSampleSampler`),
 so the engine resumes a run by skipping ``step * batch_size * grad_accum_steps`` ids per rank and never
 needs the dataset's length; a finite collection can be cycled (``item(sample_id % n)``). Items go through
-the DataLoader's default collate. A dataset that is built for one rank says so with ``rank`` /
+the DataLoader's default collate, or through the task's ``collate_fn`` when it has one (optional attribute,
+e.g. for items holding geometry objects). A dataset that is built for one rank says so with ``rank`` /
 ``world_size`` attributes (optional; checked against the process group). ``record_samples`` needs a
 ``"sample_id"`` entry in every batch.
 
@@ -364,7 +365,7 @@ class TrainingEngine:
         if self.is_main_process:
             tqdm.write(message)
 
-    def _loader(self, dataset: Dataset, start_sample: int) -> DataLoader:
+    def _loader(self, dataset: Dataset, start_sample: int, collate_fn: Any = None) -> DataLoader:
         acc = self.accelerator
         shard = (getattr(dataset, "rank", 0), getattr(dataset, "world_size", 1))
         if shard[1] > 1 and shard != (acc.process_index, acc.num_processes):
@@ -383,6 +384,7 @@ class TrainingEngine:
             generator=torch.Generator().manual_seed(self.seed),  # never draws from the global RNG
             persistent_workers=self.num_workers > 0,
             pin_memory=acc.device.type == "cuda",
+            collate_fn=collate_fn,  # None: the DataLoader's default collate
         )
 
     # ------------------------------------------------------------------ loop
@@ -401,7 +403,8 @@ class TrainingEngine:
             model: the model the task trains (optional ``save_pretrained(dir)`` for the final export).
             task: the step (:class:`~medgauss.engines.tasks.TrainTask`); a plain loss module
                 ``loss_fn(out, images) -> scalar`` means masked pretraining,
-                ``MaskedPretrainTask(loss_fn)`` (the model then follows the MedGMAE contract).
+                ``MaskedPretrainTask(loss_fn)`` (the model then follows the MedGMAE contract). A task's optional
+                ``collate_fn`` attribute batches the dataset's items (default: the DataLoader's default collate).
             dataset: map-style dataset addressed by global sample id (module doc), e.g. a
                 :class:`~medgauss.data.PretrainCropDataset` (``dataset[i]["image"]`` ``[1, D, H, W]``).
             optimizer, scheduler: from :func:`medgauss.engines.build_optimizer` (the scheduler is stepped
@@ -448,7 +451,7 @@ class TrainingEngine:
         train_seconds = float(state.get("train_seconds", 0.0))  # training time of the whole run, no validation
         validation: ValidationReport | None = None
         step = int(state["step"])
-        batches = iter(self._loader(dataset, int(state["samples_per_rank"])))
+        batches = iter(self._loader(dataset, int(state["samples_per_rank"]), getattr(task, "collate_fn", None)))
         writer = self._writer()
         bar = tqdm(
             total=self.max_steps,

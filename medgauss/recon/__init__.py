@@ -3,6 +3,7 @@
 - :mod:`medgauss.recon.registry`: the method registry (:func:`register_method`, :func:`available_methods`,
   :func:`run_method`) and ``--opt`` option parsing;
 - :mod:`medgauss.recon.methods`: the built-in methods ``fdk``, ``sart``, ``asd_pocs`` (registered on import);
+- :mod:`medgauss.recon.learned`: the learned methods ``xgrm`` and ``ilrm`` (a trained XGRM checkpoint);
 - :mod:`medgauss.recon.inputs`: reading a prepared case or a projection + geometry file pair;
 - :mod:`medgauss.recon.cli`: the command and :func:`~medgauss.recon.cli.reconstruct`.
 
@@ -10,7 +11,7 @@ A new method registers in its own module with :func:`register_method`; importing
 makes it available to the command.
 """
 
-from medgauss.recon import methods  # noqa: F401  (registers fdk, sart, asd_pocs)
+from medgauss.recon import learned, methods  # noqa: F401  (register xgrm, ilrm; fdk, sart, asd_pocs)
 from medgauss.recon.inputs import (
     ReconInputs,
     geometry_affine_from_json,

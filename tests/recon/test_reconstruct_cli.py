@@ -291,8 +291,8 @@ def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
 
 
 def test_registry_and_unregistered_methods(case_dir, tmp_path, capsys):
-    assert {"fdk", "sart", "asd_pocs"} <= set(available_methods())
-    for name in ("xgrm", "ilrm"):
+    assert {"fdk", "sart", "asd_pocs", "xgrm", "ilrm"} <= set(available_methods())
+    for name in ("3dgr", "not_a_method"):
         err = _fails(capsys, ["--method", name, "--case", case_dir, "--views", K, "--out", tmp_path / "x.nii.gz"])
         assert f"method '{name}' is not registered" in err and "fdk" in err
     with pytest.raises(ValueError, match="already registered"):
