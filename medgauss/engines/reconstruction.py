@@ -47,7 +47,7 @@ __all__ = [
     "save_reconstruction_panel",
 ]
 
-LOSS_PARTS = ("volume_mse", "render_l1", "render_dssim", "render")
+LOSS_PARTS = ("volume_mse", "render_l1", "render_dssim", "render", "opacity_l1")
 """Loss parts of :class:`~medgauss.losses.XGRMLoss` that :class:`LossPartsLogger` records."""
 
 

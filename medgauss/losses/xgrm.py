@@ -5,6 +5,7 @@ the batch's ground-truth volume on the whole grid::
 
     total = volume_weight * MSE(output.volume, gt[box])
             + lambda_l1 * L1(p, q) + lambda_ssim * (1 - SSIM(p, q)) / 2
+            + lambda_opacity_l1 * mean(|output.volume|)
 
 * ``gt[box]`` is the ground truth cropped to the same box (voxel indices).
 * ``p = project(box Gaussians, G_box) / r`` and ``q = forward_project(gt[box], G_box) / r``, where
@@ -23,6 +24,13 @@ the batch's ground-truth volume on the whole grid::
   the whole detector would scale the render terms by that fraction.
 * SSIM is :func:`medgauss.metrics.projection_ssim` (Gaussian window 11 / sigma 1.5, valid region,
   differentiable) on that rectangle, averaged over the rendered views; both terms are averaged over the batch.
+
+* The opacity L1 term (off by default) is the mean opacity of the decoded box (opacities are non-negative,
+  so it is their L1 norm over the voxel count). It pulls the air of the prediction towards exactly 0, which is
+  what lets inference skip empty blocks (``XGRM(skip_empty=...)``, exact only where a skipped block truly is
+  empty). It biases the whole volume: against the volume MSE alone (``volume_weight`` 1) the optimum of a
+  voxel of true value ``g`` moves from ``g`` to ``max(0, g - lambda_opacity_l1 / 2)``, so keep the weight at
+  the scale of the error one accepts (e.g. ``1e-3`` for volumes in ``[0, 1]``).
 
 Weights. X-GRM (see ``PAPERS.md``) writes ``L = L_volume + lambda_L1 L1 + lambda_ssim D-SSIM`` and leaves
 both lambdas and the rendered views unspecified; it renders with R²-Gaussian's rasteriser, whose
@@ -116,16 +124,20 @@ class XGRMLoss(nn.Module):
         ssim_window: Gaussian SSIM window (odd; shrinks to the detector when larger).
         backend: ``project`` backend (``"auto"``, ``"torch"``, ``"numba"``, ``"triton"``); the voxel
             projector of the target uses it too when it has it (``"torch"``, ``"numba"``), else ``"auto"``.
+        lambda_opacity_l1: weight of the mean opacity of the decoded box (0: the term is not added).
 
     ``forward(output, volume, geometry, input_views=None, *, heldout_views=None, generator=None)`` returns
     ``(total, parts)``: a scalar with gradients and a dict of detached scalars ``volume_mse``,
-    ``render_l1``, ``render_dssim``, ``render`` and ``total`` for logging.
+    ``render_l1``, ``render_dssim``, ``render``, ``opacity_l1`` (the unweighted mean opacity) and ``total``
+    for logging.
     """
 
     def __init__(self, lambda_l1: float = XGRM_LAMBDA_L1, lambda_ssim: float = XGRM_LAMBDA_SSIM,
                  render_views: int = 4, *, volume_weight: float = 1.0, cutoff: float | None = 3.0,
-                 value_range: float = 1.0, ssim_window: int = 11, backend: str = "auto") -> None:
+                 value_range: float = 1.0, ssim_window: int = 11, backend: str = "auto",
+                 lambda_opacity_l1: float = 0.0) -> None:
         super().__init__()
+        self.lambda_opacity_l1 = _check_weight("lambda_opacity_l1", lambda_opacity_l1)
         self.lambda_l1 = _check_weight("lambda_l1", lambda_l1)
         self.lambda_ssim = _check_weight("lambda_ssim", lambda_ssim)
         self.volume_weight = _check_weight("volume_weight", volume_weight)
@@ -295,8 +307,8 @@ class XGRMLoss(nn.Module):
 
         Returns:
             ``(total, parts)``: scalar loss (dtype of ``output.volume``) and detached scalars
-            ``volume_mse``, ``render_l1``, ``render_dssim``, ``render`` (= the weighted render terms) and
-            ``total``.
+            ``volume_mse``, ``render_l1``, ``render_dssim``, ``render`` (= the weighted render terms),
+            ``opacity_l1`` (mean ``|opacity|`` of the box, before its weight) and ``total``.
 
         Raises:
             ValueError: shapes that disagree (output vs box, volume vs geometry, views), non-finite inputs,
@@ -324,7 +336,11 @@ class XGRMLoss(nn.Module):
             dssim = ((1.0 - torch.stack(ssim_terms).mean()) / 2.0).to(pred_volume.dtype)
         render = self.lambda_l1 * l1 + self.lambda_ssim * dssim
         total = self.volume_weight * volume_mse + render
-        parts = {"volume_mse": volume_mse, "render_l1": l1, "render_dssim": dssim, "render": render, "total": total}
+        opacity_l1 = pred_volume.abs().mean()
+        if self.lambda_opacity_l1 > 0:  # not added at 0: the default loss stays bit-identical
+            total = total + self.lambda_opacity_l1 * opacity_l1
+        parts = {"volume_mse": volume_mse, "render_l1": l1, "render_dssim": dssim, "render": render,
+                 "opacity_l1": opacity_l1, "total": total}
         return total, {k: v.detach() for k, v in parts.items()}
 
 

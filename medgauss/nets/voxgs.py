@@ -21,6 +21,19 @@ Gaussian ``n`` of a decoded box sits at voxel ``(d, h, w)`` of the box with ``n 
 
 Memory is bounded by ``chunk_size`` voxels at a time (independently of the grid size), and a sub-box of
 the grid can be decoded alone (training renders random sub-volumes).
+
+**Skipping empty blocks** (:meth:`VoxGSDecoder.forward_skipping_empty`, an inference option). The box is tiled
+into ``block_size^3`` blocks from its corner. A coarse pass decodes only the first, middle and last voxel of
+every block along each axis (27 voxels per block, its 8 corners among them: about ``27 / block_size^3`` of
+the cost of a full decode); a block whose largest coarse opacity is below ``threshold`` is not decoded and
+its cells are written as Gaussians of opacity exactly 0. Every other block is decoded in full, with the same
+computation as :meth:`VoxGSDecoder.forward` (equal to it up to the float rounding of a different batch shape).
+This is exact only where a skipped block truly is empty: the coarse pass sees 27 voxels, not all of them,
+so a block whose sampled voxels are all below the threshold but whose other voxels are not loses those
+values. It is meant for models trained with an opacity L1 penalty (``XGRMLoss(lambda_opacity_l1=...)``),
+whose air is near zero everywhere, and for thresholds at the noise level of that air. A threshold of 0
+never skips anything (opacities are ``softplus`` values, never negative), and then the result is exactly
+the full decode.
 """
 
 from __future__ import annotations
@@ -51,6 +64,7 @@ __all__ = [
     "random_box_starts",
     "box_affine",
     "subvolume_geometry",
+    "coarse_block_samples",
 ]
 
 UNIT_MASS_SCALE = 1.0 / math.sqrt(2.0 * math.pi)
@@ -192,6 +206,22 @@ def subvolume_geometry(geometry, box_start: Sequence[int], box_size: Sequence[in
     offset = [o + (c - (n - 1) / 2) * s for o, c, n, s in
               zip(geometry.vol_offset, centre_index.tolist(), geometry.vol_shape, geometry.vol_spacing)]
     return geometry.replace(vol_shape=list(size), vol_offset=offset)
+
+
+def coarse_block_samples(box_size: Sequence[int], block_size: int,
+                         device: torch.device | str = "cpu") -> list[Tensor]:
+    """Per-axis voxel indices of the coarse pass that finds empty blocks (three int64 tensors, sorted).
+
+    Along each axis of ``box_size`` the blocks are ``[j s, min((j + 1) s, n) - 1]`` (``s = block_size``); the
+    samples are the first, middle (``(first + last) // 2``) and last index of every block, so the product of
+    the three lists holds the 8 corners and the centre of every block.
+    """
+    axes = []
+    for n in (int(v) for v in box_size):
+        first = torch.arange(0, n, block_size)
+        last = torch.clamp(first + block_size, max=n) - 1
+        axes.append(torch.unique(torch.cat((first, (first + last) // 2, last))).to(device))
+    return axes
 
 
 # ------------------------------------------------------------------------------- projection and pooling
@@ -347,6 +377,95 @@ class VoxGSDecoder(nn.Module):
                 raw.append(self._decode_chunk(maps, matrices, centres[-1], tuple(image_size)))
         params = torch.cat(raw, dim=1)
         return self._activate(params, torch.cat(centres, dim=1).to(params.dtype), grid_affine)
+
+    def forward_skipping_empty(self, feature_maps: Tensor, projection_matrices: Tensor, image_size: Sequence[int],
+                               grid_affine: Tensor, box_start: Tensor, box_size: Sequence[int], chunk_size: int,
+                               threshold: float, block_size: int = 8,
+                               grad_checkpointing: bool = False) -> tuple[Gaussians, Tensor]:
+        """:meth:`forward` that skips the blocks a coarse pass finds empty (see the module docstring).
+
+        Args:
+            feature_maps, projection_matrices, image_size, grid_affine, box_start, box_size, chunk_size,
+                grad_checkpointing: as :meth:`forward`.
+            threshold: opacity (CT value) below which a block counts as empty; finite, ``>= 0``.
+            block_size: edge (voxels) of the blocks, tiled from the box's corner (the last ones clipped).
+
+        Returns:
+            ``(gaussians, skipped_fraction)``: the ``B x (d h w)`` Gaussians of :meth:`forward`, with opacity
+            exactly 0 (scale at the middle of its bounds, identity rotation, no shift) in the skipped cells,
+            and ``[B]`` float the fraction of each sample's box voxels that were skipped. When no block is
+            skipped the Gaussians are exactly :meth:`forward`'s.
+        """
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) \
+                or threshold < 0:
+            raise ValueError(f"skip_empty threshold must be a finite number >= 0 (an opacity), got {threshold!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"skip_block_size must be a positive int (voxels), got {block_size!r}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        size = tuple(int(s) for s in box_size)
+        total = math.prod(size)
+        b = feature_maps.shape[0]
+        work = torch.promote_types(feature_maps.dtype, torch.float32)
+        maps, matrices = feature_maps.to(work), projection_matrices.to(device=feature_maps.device, dtype=work)
+        grid_affine, box_start = grid_affine.to(maps.device), box_start.to(maps.device)
+        store = grad_checkpointing and torch.is_grad_enabled()
+        image = tuple(image_size)
+
+        # coarse pass: the largest opacity among each block's 27 sample voxels
+        samples = coarse_block_samples(size, block_size, maps.device)  # 3 x [n_a]
+        nblocks = [math.ceil(n / block_size) for n in size]
+        index = torch.stack(torch.meshgrid(*samples, indexing="ij"), dim=-1).reshape(-1, 3)  # [M, 3]
+        cell = index // block_size
+        block = (cell[:, 0] * nblocks[1] + cell[:, 1]) * nblocks[2] + cell[:, 2]  # [M] C-order block number
+        flat = (index[:, 0] * size[1] + index[:, 1]) * size[2] + index[:, 2]
+        opacity = torch.cat([F.softplus(raw[..., 0]) for raw in self._decode_voxels(
+            maps, matrices, grid_affine, box_start, size, flat, image, chunk_size, store)], dim=1).detach()
+        block_max = opacity.new_full((b, math.prod(nblocks)), -math.inf)
+        block_max = block_max.scatter_reduce(1, block.expand(b, -1), opacity, reduce="amax")
+        kept_block = block_max >= threshold  # [B, blocks]
+        if bool(kept_block.all()):
+            gaussians = self.forward(feature_maps, projection_matrices, image_size, grid_affine, box_start, size,
+                                     chunk_size, grad_checkpointing)
+            return gaussians, torch.zeros(b, dtype=torch.float64, device=maps.device)
+
+        # fine pass: every voxel of the kept blocks, sample by sample
+        kept = kept_block.reshape(b, *nblocks)
+        for axis, n in enumerate(size):
+            kept = kept.repeat_interleave(block_size, dim=axis + 1).narrow(axis + 1, 0, n)
+        kept = kept.reshape(b, total)  # [B, total] bool
+        raw = maps.new_zeros(b, total, self.num_outputs)
+        raw[..., 4] = 1.0  # identity rotation in the skipped cells
+        for i in range(b):
+            chosen = kept[i].nonzero().squeeze(1)
+            if chosen.numel() == 0:
+                continue
+            pieces = self._decode_voxels(maps[i: i + 1], matrices[i: i + 1], grid_affine[i: i + 1],
+                                         box_start[i: i + 1], size, chosen, image, chunk_size, store)
+            raw.index_put_((torch.full_like(chosen, i), chosen), torch.cat(pieces, dim=1)[0].to(raw.dtype))
+        centres = torch.cat([voxel_centres(grid_affine, box_start, size, first, min(total, first + chunk_size), work)
+                             for first in range(0, total, chunk_size)], dim=1)
+        g = self._activate(raw, centres.to(raw.dtype), grid_affine)
+        intensities = torch.where(kept, g.intensities, torch.zeros_like(g.intensities))
+        skipped = 1.0 - kept.to(torch.float64).mean(dim=1)
+        return Gaussians(g.means, g.scales, g.quats, intensities, validate=False), skipped
+
+    def _decode_voxels(self, maps: Tensor, matrices: Tensor, grid_affine: Tensor, box_start: Tensor,
+                       box_size: tuple[int, int, int], flat: Tensor, image_size: tuple[int, int], chunk_size: int,
+                       store: bool) -> list[Tensor]:
+        """Raw values ``[B, m, P]`` (one tensor per chunk) of the box voxels ``flat [M]`` (C-order indices)."""
+        _, h, w = box_size
+        out = []
+        for first in range(0, flat.shape[0], chunk_size):
+            n = flat[first: first + chunk_size]
+            index = torch.stack((n // (h * w), (n // w) % h, n % w), dim=-1)  # as voxel_centres computes it
+            cells = (index[None] + box_start[:, None, :]).to(torch.float64)
+            centres = (cells @ grid_affine[:, :3, :3].transpose(1, 2) + grid_affine[:, None, :3, 3]).to(maps.dtype)
+            if store:
+                out.append(checkpoint(self._decode_chunk, maps, matrices, centres, image_size, use_reentrant=False))
+            else:
+                out.append(self._decode_chunk(maps, matrices, centres, image_size))
+        return out
 
     def _decode_chunk(self, maps: Tensor, matrices: Tensor, centres: Tensor, image_size: tuple[int, int]) -> Tensor:
         with torch.autocast(device_type=maps.device.type, enabled=False):

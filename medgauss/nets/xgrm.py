@@ -28,6 +28,24 @@
 5. **VoxGS decoder** (:class:`medgauss.nets.voxgs.VoxGSDecoder`): one Gaussian per voxel centre, the
    volume is its opacities.
 
+Parts from the LRM family (constructor options; the defaults are the model above, bit for bit):
+
+* ``upsampler="transformer"`` (GRM's upsampler, :class:`TransformerUpsampler`): ``log2(r)`` steps of
+  ``Linear(c -> 4 c')`` + pixel shuffle x2 (``c' = max(feature_dim, c / 2)``), each followed by a pre-norm
+  block of windowed self-attention (non-overlapping ``w x w`` pixel windows of each view's map, tiled from
+  its corner; a map smaller than ``w`` is one window, a ragged edge is padded and the padding masked) and
+  an MLP; then ``LayerNorm`` + ``Linear(c -> feature_dim)``. Windows never span views: the output stays
+  equivariant to the order of the views. ``r`` must be a power of 2.
+* ``token_merge=True`` (Long-LRM's token merge): a ``Conv2d(hidden_size -> fusion_size, 2, stride 2)`` on
+  each view's ``H / p x W / p`` token grid (which must be even: no padding) replaces ``fusion_in``, so the
+  fusion ViT sees 4x fewer tokens (24-48 views stay affordable); the upsampler then upsamples by ``2 r``,
+  so the feature maps keep their size ``r H / p x r W / p``.
+* ``skip_empty=t`` (inference): the VoxGS decoder first decodes a coarse pass (27 voxels of every
+  ``skip_block_size^3`` block) and skips the blocks whose largest opacity is below ``t``, writing opacity
+  0 there (:meth:`medgauss.nets.voxgs.VoxGSDecoder.forward_skipping_empty`); ``XGRMOutput.skipped_fraction``
+  reports the share of voxels skipped. Exact only where a skipped block truly is empty (a model trained
+  with ``XGRMLoss(lambda_opacity_l1=...)`` drives its air towards 0); ``t = 0`` never skips.
+
 Choices where the paper is silent (see ``PAPERS.md``): 1-channel input (a pretrained RGB patch embedding
 is summed over its colour channels), a ModLN MLP of ``6 -> pose_dim -> pose_dim`` shared by all blocks
 followed by a per-block ``Linear(pose_dim -> 4 hidden)``, the moment normalisation above, the pixel-shuffle
@@ -53,12 +71,16 @@ from torch.utils.checkpoint import checkpoint
 from medgauss.gaussians import Gaussians
 from medgauss.nets.blocks import init_linear_and_norm, transformer_blocks
 from medgauss.nets.pretrained import PretrainedMixin, config_from_locals
+from medgauss.nets.upsamplers import TransformerUpsampler
 from medgauss.nets.voxgs import VoxGSDecoder, box_affine, check_box, check_grid
 
-__all__ = ["XGRM", "XGRMOutput", "POSE_CONDITIONING", "geometry_inputs", "normalize_plucker", "grid_frame",
-           "modulated_layer_norm", "load_vit_weights"]
+__all__ = ["XGRM", "XGRMOutput", "POSE_CONDITIONING", "UPSAMPLERS", "geometry_inputs", "normalize_plucker",
+           "grid_frame", "modulated_layer_norm", "load_vit_weights"]
 
 POSE_CONDITIONING = ("modln", "add", "none")
+UPSAMPLERS = ("linear", "transformer")
+MODEL_SETTING = "model"
+"""Default of :meth:`XGRM.forward`'s ``skip_empty``: the model's own setting (applied in eval mode only)."""
 _MODULATION_STD = 1e-3  # ModLN starts close to plain LN (a pretrained ViT keeps its behaviour) yet trains
 
 
@@ -73,6 +95,8 @@ class XGRMOutput:
         box_start: ``[B, 3]`` int64 first voxel ``(d, h, w)`` of the decoded box in the grid.
         box_size: ``(d, h, w)`` of the decoded box (the grid shape for a full decode).
         affine: ``[B, 4, 4]`` float64 voxel-to-world affine of ``volume`` (the box's).
+        skipped_fraction: ``[B]`` float64 share of each box's voxels that ``skip_empty`` did not decode (written
+            as opacity 0); ``None`` when no coarse pass ran (``skip_empty`` off).
     """
 
     gaussians: Gaussians
@@ -80,6 +104,7 @@ class XGRMOutput:
     box_start: Tensor
     box_size: tuple[int, int, int]
     affine: Tensor
+    skipped_fraction: Tensor | None = None
 
 
 def modulated_layer_norm(norm: nn.Module, h: Tensor, gamma: Tensor, beta: Tensor) -> Tensor:
@@ -204,6 +229,17 @@ class XGRM(PretrainedMixin, nn.Module):
             ``feature_dim``, ``min_scale``, ``max_scale``, ``shift`` and ``max_shift``, not ``decoder_hidden`` /
             ``decoder_layers``).
         decoder_options: further keyword arguments of the iterative decoder (``None`` for ``"voxgs"``).
+        upsampler: ``"linear"`` (``Linear`` + pixel shuffle, the default) or ``"transformer"`` (GRM's
+            :class:`TransformerUpsampler`; needs a power-of-2 ``upsample_factor``).
+        upsampler_window, upsampler_head_dim: window edge (pixels) and smallest head width of the
+            transformer upsampler's attention (unused by ``"linear"``).
+        token_merge: Long-LRM's 2x2 stride-2 convolution on each view's token grid before the fusion ViT
+            (4x fewer fusion tokens; the token grid ``img_size / patch_size`` must be even on both axes).
+        skip_empty: opacity threshold of empty-block skipping at inference (``None``: off), the default of
+            :meth:`forward`'s ``skip_empty`` in eval mode (training-mode forwards decode every voxel unless
+            ``forward`` is given ``skip_empty``). VoxGS decoder only. Exact only where the skipped blocks are
+            truly empty (see the module docstring).
+        skip_block_size: edge (voxels) of the blocks ``skip_empty`` decides on.
 
     ``forward(projections, projection_matrices, plucker, grid_shape, grid_affine) -> XGRMOutput``;
     :meth:`geometry_inputs` builds every argument after ``projections`` from a geometry, and
@@ -218,7 +254,9 @@ class XGRM(PretrainedMixin, nn.Module):
                  decoder_layers: int = 3, min_scale: float = 0.25, max_scale: float = 1.0, shift: bool = False,
                  max_shift: float = 0.5, projection_scale: float = 0.01, drop_path_rate: float = 0.0,
                  grad_checkpointing: bool = False, chunk_size: int = 65536, pretrained: str | None = None,
-                 decoder: str = "voxgs", decoder_options: dict[str, Any] | None = None) -> None:
+                 decoder: str = "voxgs", decoder_options: dict[str, Any] | None = None, upsampler: str = "linear",
+                 upsampler_window: int = 8, upsampler_head_dim: int = 32, token_merge: bool = False,
+                 skip_empty: float | None = None, skip_block_size: int = 8) -> None:
         super().__init__()
         self.init_config = config_from_locals(locals())
         self.init_config["pretrained"] = None
@@ -234,6 +272,8 @@ class XGRM(PretrainedMixin, nn.Module):
         if not (math.isfinite(projection_scale) and projection_scale > 0):
             raise ValueError(f"projection_scale must be a positive number, got {projection_scale!r}")
         self._check_chunk(chunk_size)
+        merge_factor = self._check_lrm_options(size, patch_size, upsample_factor, upsampler, upsampler_window,
+                                               upsampler_head_dim, token_merge, decoder, skip_empty, skip_block_size)
         self.img_size, self.patch_size = size, patch_size
         self.pose_conditioning = pose_conditioning
         self.projection_scale = float(projection_scale)
@@ -241,11 +281,16 @@ class XGRM(PretrainedMixin, nn.Module):
         self.upsample_factor = upsample_factor
         self.encoder = ViewEncoder(size, patch_size, hidden_size, num_layers, num_heads, mlp_dim, qkv_bias,
                                    drop_path_rate, pose_conditioning, pose_dim or hidden_size)
-        self.fusion_in = nn.Identity() if fusion_size == hidden_size else nn.Linear(hidden_size, fusion_size)
+        self.token_merge = bool(token_merge)
+        self.fusion_in = nn.Identity() if fusion_size == hidden_size or token_merge else \
+            nn.Linear(hidden_size, fusion_size)
         self.fusion = transformer_blocks(fusion_size, fusion_layers, fusion_heads, fusion_mlp_dim, qkv_bias,
                                          drop_path_rate)
         self.fusion_norm = nn.LayerNorm(fusion_size)
-        self.upsample = nn.Linear(fusion_size, upsample_factor ** 2 * feature_dim)
+        self.upsampler = upsampler
+        self.fusion_upsampling = factor = upsample_factor * merge_factor  # the fusion grid -> the feature maps
+        self.upsample: nn.Module = nn.Linear(fusion_size, factor ** 2 * feature_dim) if upsampler == "linear" else \
+            TransformerUpsampler(fusion_size, feature_dim, factor, upsampler_window, upsampler_head_dim, qkv_bias)
         # --- decoder choice (issue 10: "voxgs" | "iterative", swappable by config) ---
         self.decoder_kind = decoder
         if decoder == "voxgs":
@@ -261,6 +306,15 @@ class XGRM(PretrainedMixin, nn.Module):
             raise ValueError(f"decoder must be 'voxgs' or 'iterative', got {decoder!r}")
         for module in (self.fusion_in, self.fusion, self.fusion_norm, self.upsample):
             module.apply(init_linear_and_norm)
+        # --- Long-LRM token merge (issue 10); absent by default, so the default model is unchanged ---
+        self.token_merger: nn.Conv2d | None = None
+        if token_merge:
+            self.token_merger = nn.Conv2d(hidden_size, fusion_size, kernel_size=2, stride=2)
+            w = self.token_merger.weight
+            nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+            nn.init.zeros_(self.token_merger.bias)
+        self.skip_empty = None if skip_empty is None else float(skip_empty)
+        self.skip_block_size = skip_block_size
         self.grad_checkpointing = bool(grad_checkpointing)
         if pretrained is not None:
             load_vit_weights(self.encoder, pretrained)
@@ -276,6 +330,36 @@ class XGRM(PretrainedMixin, nn.Module):
         self.encoder.grad_checkpointing = bool(enabled)
 
     @staticmethod
+    def _check_lrm_options(size: tuple[int, int], patch_size: int, upsample_factor: int, upsampler: object,
+                           upsampler_window: object, upsampler_head_dim: object, token_merge: object, decoder: object,
+                           skip_empty: object, skip_block_size: object) -> int:
+        """Validate the LRM-family options; returns the token merge's factor (2 with ``token_merge``, else 1)."""
+        if upsampler not in UPSAMPLERS:
+            raise ValueError(f"upsampler must be one of {UPSAMPLERS}, got {upsampler!r}")
+        if not isinstance(token_merge, bool):
+            raise ValueError(f"token_merge must be a bool, got {token_merge!r}")
+        grid = (size[0] // patch_size, size[1] // patch_size)
+        if token_merge and (grid[0] % 2 or grid[1] % 2):
+            raise ValueError(f"token_merge merges 2x2 tokens, so the token grid img_size / patch_size must be even on "
+                             f"both axes; img_size {size} with patch_size {patch_size} gives {grid}")
+        if upsampler == "transformer" and upsample_factor & (upsample_factor - 1):
+            raise ValueError(f"upsampler='transformer' upsamples in steps of 2: upsample_factor must be a power of 2, "
+                             f"got {upsample_factor}")
+        for name, value in (("upsampler_window", upsampler_window), ("upsampler_head_dim", upsampler_head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if skip_empty is not None:
+            if isinstance(skip_empty, bool) or not isinstance(skip_empty, (int, float)) \
+                    or not math.isfinite(skip_empty) or skip_empty < 0:
+                raise ValueError(f"skip_empty must be None or a finite opacity >= 0, got {skip_empty!r}")
+            if decoder != "voxgs":
+                raise ValueError(f"skip_empty needs decoder='voxgs' (the iterative decoder has no cheap coarse pass: "
+                                 f"its cost is the query refinement every block needs), got decoder={decoder!r}")
+        if isinstance(skip_block_size, bool) or not isinstance(skip_block_size, int) or skip_block_size < 1:
+            raise ValueError(f"skip_block_size must be a positive int (voxels), got {skip_block_size!r}")
+        return 2 if token_merge else 1
+
+    @staticmethod
     def _check_chunk(chunk_size: object) -> int:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -287,8 +371,14 @@ class XGRM(PretrainedMixin, nn.Module):
         return self.encoder.grid
 
     @property
+    def fusion_grid(self) -> tuple[int, int]:
+        """Tokens per view entering the fusion ViT: the token grid, halved on both axes by ``token_merge``."""
+        gh, gw = self.encoder.grid
+        return (gh // 2, gw // 2) if self.token_merge else (gh, gw)
+
+    @property
     def feature_size(self) -> tuple[int, int]:
-        """Per-view feature map size ``(r H / p, r W / p)``."""
+        """Per-view feature map size ``(r H / p, r W / p)`` (also with ``token_merge``)."""
         return tuple(g * self.upsample_factor for g in self.token_grid)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ inputs
@@ -344,19 +434,26 @@ class XGRM(PretrainedMixin, nn.Module):
             centre, radius = grid_frame(grid_shape, grid_affine.to(plucker.device))
             rays = normalize_plucker(plucker, centre, radius).flatten(0, 1)
         tokens = self.encoder(images, rays)  # [BK, L, hidden]
+        if self.token_merger is not None:  # 2x2 stride-2 convolution on each view's token grid
+            grid = tokens.transpose(1, 2).reshape(b * k, tokens.shape[2], *self.token_grid)
+            tokens = self.token_merger(grid).flatten(2).transpose(1, 2)  # [BK, L / 4, fusion]
         x = self.fusion_in(tokens).reshape(b, k * tokens.shape[1], -1)
         for block in self.fusion:
             x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
                 else block(x)
         x = self.fusion_norm(x).reshape(b * k, tokens.shape[1], -1)
-        gh, gw = self.token_grid
-        maps = self.upsample(x).transpose(1, 2).reshape(b * k, -1, gh, gw)
-        maps = F.pixel_shuffle(maps, self.upsample_factor)
+        gh, gw = self.fusion_grid
+        if self.upsampler == "transformer":
+            maps = self.upsample(x, (gh, gw), self.grad_checkpointing)
+        else:
+            maps = self.upsample(x).transpose(1, 2).reshape(b * k, -1, gh, gw)
+            maps = F.pixel_shuffle(maps, self.fusion_upsampling)
         return maps.reshape(b, k, *maps.shape[1:])
 
     def forward(self, projections: Tensor, projection_matrices: Tensor, plucker: Tensor | None,
                 grid_shape: Sequence[int], grid_affine: Tensor, *, box_start: Tensor | Sequence[int] | None = None,
-                box_size: Sequence[int] | None = None, chunk_size: int | None = None) -> XGRMOutput:
+                box_size: Sequence[int] | None = None, chunk_size: int | None = None,
+                skip_empty: float | str | None = MODEL_SETTING) -> XGRMOutput:
         """Reconstruct the volume (or a sub-box of it) from ``K`` views.
 
         Args:
@@ -372,10 +469,13 @@ class XGRM(PretrainedMixin, nn.Module):
             box_start: decode only a box: ``[3]`` or ``[B, 3]`` first voxel ``(d, h, w)`` (default corner).
             box_size: ``(d, h, w)`` of the box (default the whole grid).
             chunk_size: voxels decoded at once (default the model's ``chunk_size``).
+            skip_empty: opacity threshold below which a coarse pass's empty blocks are not decoded (opacity 0
+                written there; VoxGS decoder only; exact only where those blocks truly are empty); ``None``: decode
+                every voxel; ``"model"`` (default): the model's ``skip_empty`` in eval mode, ``None`` in training mode.
 
         Returns:
-            :class:`XGRMOutput`: Gaussians in world mm (float32 also under bf16 autocast) and the volume
-            ``[B, 1, d, h, w]`` = their opacities.
+            :class:`XGRMOutput`: Gaussians in world mm (float32 also under bf16 autocast), the volume
+            ``[B, 1, d, h, w]`` = their opacities and, with ``skip_empty``, the ``skipped_fraction``.
         """
         projection_matrices, plucker = self._check_inputs(projections, projection_matrices, plucker)
         b = projections.shape[0]
@@ -383,15 +483,36 @@ class XGRM(PretrainedMixin, nn.Module):
         affine = affine.to(projections.device)
         start, size = check_box(box_start, box_size, shape, b, device=affine.device)
         chunk = self._check_chunk(self.chunk_size if chunk_size is None else chunk_size)
+        threshold = self._skip_threshold(skip_empty)
         maps = self.encode_views(projections, plucker, shape, affine)
+        skipped = None
         if self.decoder_kind == "iterative":  # its query lattice spans the whole grid, not the box
             gaussians = self.decoder(maps, projection_matrices, self.img_size, affine, start, size, chunk,
                                      self.grad_checkpointing, grid_shape=shape)
+        elif threshold is not None:
+            gaussians, skipped = self.decoder.forward_skipping_empty(
+                maps, projection_matrices, self.img_size, affine, start, size, chunk, threshold,
+                self.skip_block_size, self.grad_checkpointing)
         else:
             gaussians = self.decoder(maps, projection_matrices, self.img_size, affine, start, size, chunk,
                                      self.grad_checkpointing)
         volume = gaussians.intensities.reshape(b, 1, *size)
-        return XGRMOutput(gaussians, volume, start, size, box_affine(affine, start))
+        return XGRMOutput(gaussians, volume, start, size, box_affine(affine, start), skipped)
+
+    def _skip_threshold(self, skip_empty: object) -> float | None:
+        """The threshold of this forward pass: ``forward``'s ``skip_empty`` or, by default, the model's in eval mode."""
+        if isinstance(skip_empty, str):
+            if skip_empty != MODEL_SETTING:
+                raise ValueError(f"skip_empty must be a number >= 0, None or {MODEL_SETTING!r}, got {skip_empty!r}")
+            return None if self.training else self.skip_empty
+        if skip_empty is None:
+            return None
+        if isinstance(skip_empty, bool) or not isinstance(skip_empty, (int, float)) or not math.isfinite(skip_empty) \
+                or skip_empty < 0:
+            raise ValueError(f"skip_empty must be a finite opacity >= 0, None or {MODEL_SETTING!r}, got {skip_empty!r}")
+        if self.decoder_kind != "voxgs":
+            raise ValueError(f"skip_empty needs decoder='voxgs'; this model has decoder={self.decoder_kind!r}")
+        return float(skip_empty)
 
     def reconstruct(self, projections: Tensor, geometry: Any, **kwargs: Any) -> XGRMOutput:
         """``forward(projections, **geometry_inputs(geometry), **kwargs)`` on the projections' device.

@@ -282,3 +282,29 @@ def test_bad_inputs_raise_value_errors_naming_them():
         loss(out, gt, geo, [0, 1, 2, 3, 4])  # one view left, two asked for
     with pytest.raises(ValueError, match="heldout_views"):
         loss(out, gt, geo, [0, 1], heldout_views=[1, 2])
+
+
+# ------------------------------------------------------------------------------------------ opacity L1 term
+
+
+def test_opacity_l1_term_is_lambda_times_the_mean_opacity_of_the_box():
+    geo = cone()
+    gen = torch.Generator().manual_seed(7)
+    gt = torch.rand(1, 1, N, N, N, generator=gen)
+    size = (5, 7, 6)
+    opacities = torch.rand(math.prod(size), generator=gen, dtype=torch.float64).requires_grad_()
+    out = voxgs_output(geo, (2, 3, 1), size, opacities, dtype=torch.float64)
+    hand = float(opacities.detach().abs().sum()) / math.prod(size)
+    base_total, base_parts = XGRMLoss(lambda_l1=0.0, lambda_ssim=0.0)(out, gt, geo)
+    total, parts = XGRMLoss(lambda_l1=0.0, lambda_ssim=0.0, lambda_opacity_l1=0.3)(out, gt, geo)
+    assert parts["opacity_l1"].item() == pytest.approx(hand, rel=1e-12)
+    assert base_parts["opacity_l1"].item() == pytest.approx(hand, rel=1e-12)  # logged also when unweighted
+    assert total.item() == pytest.approx(base_total.item() + 0.3 * hand, rel=1e-12)
+    assert parts["total"].item() == pytest.approx(total.item(), rel=1e-12)
+    # its gradient: lambda / N on every voxel, on top of the MSE's 2 (v - g) / N
+    (grad,) = torch.autograd.grad(total - base_total, opacities)
+    torch.testing.assert_close(grad, torch.full_like(grad, 0.3 / math.prod(size)), rtol=1e-12, atol=1e-15)
+    # the default (0) adds nothing: the total is the volume term alone
+    assert base_total.item() == pytest.approx(base_parts["volume_mse"].item(), rel=1e-12)
+    with pytest.raises(ValueError, match="lambda_opacity_l1"):
+        XGRMLoss(lambda_opacity_l1=-0.1)
