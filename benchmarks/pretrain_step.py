@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -127,7 +126,10 @@ def run_worker(cfg: dict) -> dict:
     loss_fn = pretrain_loss_for(model, **loss_kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95))
     images = torch.rand(cfg["batch_size"], 1, *img_size, device=device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _memory import memory_mib  # benchmarks/_memory.py: VmHWM, not ru_maxrss (which exec inherits)
+
+    rss_before = memory_mib()["peak"]
     phases: dict[str, list[float]] = {"forward": [], "loss": [], "backward": [], "optimizer": [], "step": []}
     for step in range(cfg["warmup"] + cfg["steps"]):
         if step == cfg["warmup"] and device == "cuda":
@@ -164,7 +166,7 @@ def run_worker(cfg: dict) -> dict:
         img_size=img_size, backend=cfg["backend"], outputs_per_sample=outputs, model_config=model_cfg,
         max_scale=model.init_config.get("max_scale"), splat_pairs_sample0=pairs,
         parameters=sum(p.numel() for p in model.parameters()), final_loss=float(loss),
-        peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_mib=memory_mib()["peak"],
         rss_before_steps_mib=rss_before,
         step_ms_all=phases["step"], threads=torch.get_num_threads(),
     )

@@ -55,6 +55,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _memory import memory_mib  # noqa: E402  (benchmarks/_memory.py, shared with pretrain_step.py)
 
 RESULTS = ROOT / "benchmarks" / "results"
 RECIPE = ROOT / "recipes" / "xgrm_train.py"
@@ -436,23 +439,6 @@ def scaling_inputs(case_dir: Path, views: int):
                          measured=projections[0].numpy(), reference=volume, source=str(case_dir))
     return inputs, (f"{views} views simulated evenly over the case's {math.degrees(arc):.0f} deg arc "
                     f"(forward_project of its volume + its noise model)")
-
-
-def memory_mib() -> dict[str, float]:
-    """This process's resident memory (MiB): ``current`` and ``peak`` (Linux ``VmRSS`` / ``VmHWM``).
-
-    ``VmHWM`` belongs to the process's own address space, which ``exec`` replaces; ``getrusage``'s ``ru_maxrss``
-    is not: Linux carries it over ``exec`` from the forked parent, so a subprocess of a large parent reports the
-    parent's size. Without ``/proc`` (not Linux), both fall back to ``ru_maxrss``.
-    """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
-        if "VmHWM" in fields and "VmRSS" in fields:
-            kib = lambda name: float(fields[name].split()[0])  # noqa: E731
-            return {"current": kib("VmRSS") / 1024, "peak": kib("VmHWM") / 1024}
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"current": peak, "peak": peak}
 
 
 def scaling_worker(cfg: dict[str, Any]) -> dict[str, Any]:
