@@ -11,7 +11,7 @@ import torch
 
 from medgauss.frame import crop_affine
 from medgauss.gaussians import Gaussians
-from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
+from medgauss.geometry import ParallelBeamGeometry
 from medgauss.nets import XGRM, IterativeGaussianDecoder, XGRMOutput, create_model, ilrm, list_models, load_pretrained
 from medgauss.nets.blocks import sincos_pos_embed_3d
 from medgauss.nets.ilrm import (
@@ -24,11 +24,11 @@ from medgauss.nets.ilrm import (
 from medgauss.nets.voxgs import VoxGSDecoder, activate_voxel_gaussians, check_box, check_grid
 from medgauss.nets.xgrm import grid_frame, normalize_plucker
 from medgauss.nets.zoo import XGRM_GRID_SIZES, XGRM_ITERATIVE_OPTIONS
+from tests.nets._xgrm_helpers import VOL_SHAPE, cone, perturb, run
 
 SMALL = dict(img_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_size=32,
              fusion_layers=1, fusion_heads=2, fusion_mlp_dim=64, pose_dim=16, feature_dim=8, upsample_factor=2)
 ITERATIVE = dict(hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32, block_size=2, window_size=2, cell_dim=8)
-VOL_SHAPE = (6, 7, 5)  # query lattice 3 x 4 x 3, windows 2 x 2 x 2: the far windows are padded
 OPTIONS = {
     "plain": {},
     "groups_layer": dict(cross_attention_groups=2),
@@ -45,25 +45,10 @@ def small_model(options: dict | None = None, decoder: str = "iterative", **overr
     return XGRM(**kwargs)
 
 
-def cone(num_views: int, seed: int = 0, **changes) -> ConeBeamGeometry:
-    """A small, deliberately asymmetric cone-beam geometry (anisotropic voxels, offsets, odd angles)."""
-    gen = torch.Generator().manual_seed(seed)
-    angles = torch.rand(num_views, generator=gen, dtype=torch.float64) * 2 * math.pi
-    fields = dict(dso=300.0, dsd=450.0, det_shape=(32, 32), det_spacing=(2.0, 1.8), vol_shape=VOL_SHAPE,
-                  vol_spacing=(3.0, 2.5, 2.0), angles=angles, det_offset=(0.7, -1.1), vol_offset=(1.5, -2.0, 3.0))
-    fields.update(changes)
-    return ConeBeamGeometry(**fields)
 
 
-def run(model: XGRM, geometry, projections, **kwargs) -> XGRMOutput:
-    return model(projections, **model.geometry_inputs(geometry), **kwargs)
 
 
-def perturb(model: torch.nn.Module, std: float = 0.05) -> None:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen))
 
 
 def brute_force_centres(affine: np.ndarray, start, size) -> np.ndarray:

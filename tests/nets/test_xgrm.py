@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from medgauss.frame import crop_affine
-from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
+from medgauss.geometry import ParallelBeamGeometry
 from medgauss.nets import XGRM, create_model, geometry_inputs, list_models, load_pretrained, subvolume_geometry
 from medgauss.nets.voxgs import max_pool_views, random_box_starts, sample_views
 from medgauss.nets.xgrm import modulated_layer_norm
 from medgauss.nets.zoo import XGRM_GRID_SIZES, XGRM_SIZES
 from medgauss.render import project
+from tests.nets._xgrm_helpers import VOL_SHAPE, cone, perturb, run
 
 SMALL = dict(img_size=32, patch_size=16, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, fusion_size=32,
              fusion_layers=1, fusion_heads=2, fusion_mlp_dim=64, pose_dim=16, feature_dim=8, upsample_factor=2,
              decoder_hidden=16, decoder_layers=2)
-VOL_SHAPE = (6, 7, 5)
 
 
 def small_model(**overrides) -> XGRM:
@@ -26,35 +26,12 @@ def small_model(**overrides) -> XGRM:
     return XGRM(**{**SMALL, **overrides})
 
 
-def rotation_z(angle: float, translation=(0.0, 0.0, 0.0)) -> np.ndarray:
-    c, s = math.cos(angle), math.sin(angle)
-    pose = np.eye(4)
-    pose[:2, :2] = [[c, -s], [s, c]]
-    pose[:3, 3] = translation
-    return pose
 
 
-def cone(num_views: int, seed: int = 0, poses: bool = False, **changes) -> ConeBeamGeometry:
-    """A small, deliberately asymmetric cone-beam geometry (anisotropic voxels, offsets, odd angles)."""
-    gen = torch.Generator().manual_seed(seed)
-    angles = torch.rand(num_views, generator=gen, dtype=torch.float64) * 2 * math.pi
-    fields = dict(dso=300.0, dsd=450.0, det_shape=(32, 32), det_spacing=(2.0, 1.8), vol_shape=VOL_SHAPE,
-                  vol_spacing=(3.0, 2.5, 2.0), angles=angles, det_offset=(0.7, -1.1), vol_offset=(1.5, -2.0, 3.0))
-    if poses:
-        fields["poses"] = np.stack([rotation_z(0.05 * (i + 1), (0.5 * i, -0.3, 0.2 * i)) for i in range(num_views)])
-    fields.update(changes)
-    return ConeBeamGeometry(**fields)
 
 
-def run(model: XGRM, geometry, projections, **kwargs):
-    return model(projections, **model.geometry_inputs(geometry), **kwargs)
 
 
-def perturb(model: torch.nn.Module, std: float = 0.02) -> None:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen))
 
 
 # ------------------------------------------------------------------------------------- shapes, invariance
@@ -205,7 +182,7 @@ def test_sampling_matches_a_hand_projection_of_each_voxel_centre(kind):
                                    vol_spacing=(3.0, 2.5, 2.0), angles=[0.3, 1.9, 4.0], det_offset=(0.7, -1.1),
                                    vol_offset=(1.5, -2.0, 3.0))
     else:
-        geo = cone(3, seed=5, poses=kind == "cone_posed", det_shape=(32, 40))
+        geo = cone(3, seed=5, posed=kind == "cone_posed", det_shape=(32, 40))
     rows, cols = geo.det_shape
     factor = 4  # feature maps at a quarter of the detector resolution
     fh, fw = rows // factor, cols // factor
@@ -241,7 +218,7 @@ def test_max_pool_uses_visible_views_only():
 
 
 def test_plucker_downsample_is_patch_centres():
-    geo, p = cone(2, poses=True), 16
+    geo, p = cone(2, posed=True), 16
     plucker = geo.plucker(downsample=p, dtype=torch.float64)  # [V, 6, rows / p, cols / p]
     vec = geo.vectors()
     for v in range(geo.num_views):

@@ -13,11 +13,12 @@ from medgauss.geometry import ConeBeamGeometry, ParallelBeamGeometry
 from medgauss.nets import XGRM, load_pretrained
 from medgauss.nets.upsamplers import TransformerUpsampler, WindowAttention
 from medgauss.nets.voxgs import coarse_block_samples, sample_views, voxel_centres
+from tests.nets._xgrm_helpers import VOL_SHAPE, perturb, run
+from tests.nets._xgrm_helpers import cone as shared_cone
 
 SMALL = dict(img_size=64, patch_size=16, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64, fusion_size=32,
              fusion_layers=1, fusion_heads=2, fusion_mlp_dim=64, pose_dim=16, feature_dim=8, upsample_factor=2,
              decoder_hidden=16, decoder_layers=2)
-VOL_SHAPE = (6, 7, 5)
 OPTIONS = {
     "transformer": dict(upsampler="transformer", upsampler_window=4, upsampler_head_dim=8),
     "merge": dict(token_merge=True),
@@ -31,23 +32,12 @@ def small_model(**overrides) -> XGRM:
 
 
 def cone(num_views: int, seed: int = 0, **changes) -> ConeBeamGeometry:
-    gen = torch.Generator().manual_seed(seed)
-    angles = torch.rand(num_views, generator=gen, dtype=torch.float64) * 2 * math.pi
-    fields = dict(dso=300.0, dsd=450.0, det_shape=(64, 64), det_spacing=(1.0, 0.9), vol_shape=VOL_SHAPE,
-                  vol_spacing=(3.0, 2.5, 2.0), angles=angles, det_offset=(0.7, -1.1), vol_offset=(1.5, -2.0, 3.0))
-    fields.update(changes)
-    return ConeBeamGeometry(**fields)
+    """The shared test geometry with a 64^2 detector of finer pixels (the models here take 64^2 views)."""
+    return shared_cone(num_views, seed, **{"det_shape": (64, 64), "det_spacing": (1.0, 0.9), **changes})
 
 
-def run(model: XGRM, geometry, projections, **kwargs):
-    return model(projections, **model.geometry_inputs(geometry), **kwargs)
 
 
-def perturb(model: torch.nn.Module, std: float = 0.02) -> None:
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(std * torch.randn(p.shape, generator=gen))
 
 
 # ------------------------------------------------------------------------------ shapes, invariance, gradients
