@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor
 
-__all__ = ["axial_display", "save_slice_panel", "panel_from_output"]
+__all__ = ["axial_display", "save_slice_panel", "panel_from_output", "save_figure"]
 
 
 def _check_volume(name: str, volume: Tensor) -> np.ndarray:
@@ -86,6 +86,11 @@ def save_slice_panel(
         axes[2].scatter(
             (cols - 1) - (pts[:, 2] * cols - 0.5), (rows - 1) - (pts[:, 1] * rows - 0.5), s=4, c="red", alpha=0.7
         )
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig: Figure, path: str | Path, title: str | None = None) -> Path:
+    """Title, tighten and write a panel figure to ``path`` (parent folders created), 80 dpi; returns the path."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from medgauss.ct import fdk, sart
 from medgauss.ct.dataset import CTReconstructionDataset, evenly_spaced_views, load_case
 from medgauss.data.xgrm_samples import XGRM_VIEW_COUNTS, collate_xgrm_samples
-from medgauss.engines.panels import axial_display
+from medgauss.engines.panels import axial_display, save_figure
 from medgauss.metrics import psnr, ssim_slices
 
 __all__ = [
@@ -271,13 +271,7 @@ def save_reconstruction_panel(path: str | Path, volumes: Mapping[str, Tensor], *
         if h0 <= h // 2 < h0 + bh:  # coronal: displayed row = d - 1 - index
             axes[1, col].add_patch(Rectangle((w - w0 - bw - 0.5, d - d0 - bd - 0.5), bw, bd, fill=False,
                                              color="red"))
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    return path
+    return save_figure(fig, path, title)
 
 
 # ------------------------------------------------------------------------------------------- validation
