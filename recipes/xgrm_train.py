@@ -13,7 +13,7 @@ Run (no arguments: ``xgrm_tiny`` on the CPU dataset built from the bundled CT an
 Each step decodes a random quarter-grid sub-box of each sample from its ``K`` in {6, 8, 10} input views and
 minimises :class:`medgauss.losses.XGRMLoss` (volume MSE on the box + L1 / D-SSIM of the box's rendered X-rays at
 the input and held-out views); the loss parts go to TensorBoard (``train/volume_mse``, ``train/render_l1``,
-``train/render_dssim``, ``train/render``) and to a ``step N parts: ...`` line at each log step. Every
+``train/render_dssim``, ``train/render``) and to the engine's log line at each log step. Every
 ``trainer.val_every`` steps the held-out cases are reconstructed at 6 / 8 / 10 views (full grid) and scored by
 PSNR / slice SSIM beside FDK and SART; the line says whether the model beats FDK (``validation.jsonl``,
 TensorBoard ``val/*``). Panels (``panels/``) show prediction / ground truth / FDK slices of a training sample.
@@ -44,7 +44,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from medgauss.data import XGRMSampleDataset, build_xgrm_dataset  # noqa: E402
 from medgauss.engines import (  # noqa: E402
-    LossPartsLogger,
     ReconstructionValidator,
     TrainingEngine,
     TrainResult,
@@ -83,21 +82,13 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
     engine.print(f"{samples} samples = {samples / len(dataset.case_ids):.1f} epochs of {len(dataset.case_ids)} "
                  f"training cases; sub-box {dataset.box_size} of {dataset.grid_shape}, "
                  f"K in {list(dataset.view_counts)}")
-    parts = LossPartsLogger(every=engine.log_every, batch_size=engine.batch_size,
-                            grad_accum_steps=engine.grad_accum_steps, world_size=acc.num_processes,
-                            max_steps=engine.max_steps, rank=acc.process_index,
-                            log_dir=engine.run_dir / "tensorboard" if engine.tensorboard else None,
-                            printer=engine.print)
-    task = XGRMTask(XGRMLoss(**_plain(cfg.loss)), parts_logger=parts, **_plain(cfg.get("task") or {}))
+    task = XGRMTask(XGRMLoss(**_plain(cfg.loss)), **_plain(cfg.get("task") or {}))
     optimizer, scheduler = build_optimizer(model, max_steps=engine.max_steps, **_plain(cfg.optim))
     val = cfg.data.get("val")
     validator = None if val is None else ReconstructionValidator(**_plain(val))
     if validator is not None:
         check_heldout(dataset, validator)
-    try:
-        return engine.fit(model, task, dataset, optimizer, scheduler, validator=validator)
-    finally:
-        parts.close()
+    return engine.fit(model, task, dataset, optimizer, scheduler, validator=validator)
 
 
 def check_heldout(dataset: XGRMSampleDataset, validator: ReconstructionValidator) -> None:

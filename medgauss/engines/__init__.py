@@ -12,7 +12,6 @@ from medgauss.engines.checkpoint import TRAINER_STATE_FILE, CheckpointManager
 from medgauss.engines.optim import build_optimizer, param_groups, warmup_cosine_factor
 from medgauss.engines.panels import panel_from_output, save_slice_panel
 from medgauss.engines.reconstruction import (
-    LossPartsLogger,
     ReconstructionReport,
     ReconstructionValidator,
     XGRMTask,
@@ -45,7 +44,6 @@ __all__ = [
     "param_groups",
     "save_slice_panel",
     "warmup_cosine_factor",
-    "LossPartsLogger",
     "ReconstructionReport",
     "ReconstructionValidator",
     "XGRMTask",

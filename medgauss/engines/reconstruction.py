@@ -4,8 +4,8 @@
   :class:`~medgauss.data.XGRMSampleDataset` samples -> the model decodes only each sample's sub-box from its
   ``K`` input views -> :class:`~medgauss.losses.XGRMLoss` against the ground truth (volume MSE on the box,
   L1 + D-SSIM of the box's rendered projections at the input and the sample's held-out views). It hands the
-  engine its ``collate_fn`` (:func:`~medgauss.data.collate_xgrm_samples`), logs the loss parts through an
-  optional :class:`LossPartsLogger`, and draws panels (prediction / ground truth / FDK slices of sample 0 of
+  engine its ``collate_fn`` (:func:`~medgauss.data.collate_xgrm_samples`), returns the loss parts for the
+  engine to log, and draws panels (prediction / ground truth / FDK slices of sample 0 of
   the micro-batch, full-grid decode).
 * :class:`ReconstructionValidator` (a :class:`~medgauss.engines.validation.Validator`): held-out cases at
   6 / 8 / 10 evenly spaced views, full-grid decode in chunks, 3D PSNR and slice-averaged SSIM of the model beside
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,6 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from medgauss.ct import fdk, sart
 from medgauss.ct.dataset import CTReconstructionDataset, evenly_spaced_views, load_case
@@ -40,7 +39,6 @@ from medgauss.metrics import psnr, ssim_slices
 
 __all__ = [
     "LOSS_PARTS",
-    "LossPartsLogger",
     "XGRMTask",
     "ReconstructionReport",
     "ReconstructionValidator",
@@ -48,98 +46,12 @@ __all__ = [
 ]
 
 LOSS_PARTS = ("volume_mse", "render_l1", "render_dssim", "render", "opacity_l1")
-"""Loss parts of :class:`~medgauss.losses.XGRMLoss` that :class:`LossPartsLogger` records."""
+"""Loss parts of :class:`~medgauss.losses.XGRMLoss` that :class:`XGRMTask` hands the engine to log."""
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` wrapper (for its attributes; call the wrapper itself)."""
     return getattr(model, "module", model)
-
-
-# ------------------------------------------------------------------------------------------- loss parts
-
-
-class LossPartsLogger:
-    """Logs the parts of a multi-part loss at the engine's log steps: TensorBoard ``train/<part>`` + one line.
-
-    The engine's log line carries the total loss only; a task calls :meth:`record` with each micro-batch's
-    sample ids and parts. The optimizer step of a micro-batch follows from its first sample id (the engine's
-    :class:`~medgauss.data.ShardedSampleSampler` hands rank ``r`` the ids ``r + W k``, ``batch_size`` per
-    micro-batch, ``grad_accum_steps`` micro-batches per step), so the step numbers stay right after a resume.
-    At steps 1, every ``every``-th and ``max_steps`` (the engine's log steps) the parts, averaged over the
-    step's micro-batches, are printed (``step N parts: volume_mse ... render_l1 ...``, just before the
-    engine's own line of that step) and written to TensorBoard. Only rank 0 logs (its own micro-batches).
-
-    Args:
-        every: log every this many optimizer steps (the engine's ``log_every``).
-        batch_size, grad_accum_steps, world_size: the engine's (``world_size``: its number of processes).
-        max_steps: the run's last step (always logged); ``None``: not known.
-        log_dir: TensorBoard folder (the engine's ``run_dir / "tensorboard"``); ``None``: print only.
-        rank: this process (only rank 0 logs).
-        printer: how a line is printed (default ``tqdm.write``, which keeps the progress bar intact).
-    """
-
-    def __init__(self, *, every: int, batch_size: int, grad_accum_steps: int = 1, world_size: int = 1,
-                 max_steps: int | None = None, log_dir: str | Path | None = None, rank: int = 0,
-                 printer: Callable[[str], None] | None = None) -> None:
-        for name, value in (("every", every), ("batch_size", batch_size), ("grad_accum_steps", grad_accum_steps),
-                            ("world_size", world_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.every, self.batch_size, self.grad_accum_steps = every, batch_size, grad_accum_steps
-        self.world_size, self.max_steps, self.rank = world_size, max_steps, int(rank)
-        self.log_dir = None if log_dir is None else Path(log_dir)
-        self.printer = printer or tqdm.write
-        self._writer: Any = None
-        self._step: int | None = None
-        self._sums: dict[str, float] = {}
-        self._count = 0
-
-    def step_of(self, sample_id: int) -> tuple[int, int]:
-        """``(optimizer step (1-based), micro-batch index within it)`` of the micro-batch holding ``sample_id``."""
-        k = int(sample_id) // self.world_size  # position in this rank's id stream
-        per_step = self.batch_size * self.grad_accum_steps
-        return k // per_step + 1, (k % per_step) // self.batch_size
-
-    def logs_step(self, step: int) -> bool:
-        return step == 1 or step % self.every == 0 or (self.max_steps is not None and step == self.max_steps)
-
-    def record(self, sample_ids: Sequence[int] | Tensor, parts: Mapping[str, Tensor | float]) -> None:
-        """Add one micro-batch's parts; after the last micro-batch of a log step, write them."""
-        if self.rank != 0:
-            return
-        ids = [int(i) for i in (sample_ids.tolist() if isinstance(sample_ids, Tensor) else sample_ids)]
-        if not ids:
-            raise ValueError("sample_ids must hold the micro-batch's sample ids, got none")
-        step, micro = self.step_of(ids[0])
-        if not self.logs_step(step):
-            return
-        if step != self._step:
-            self._step, self._sums, self._count = step, {}, 0
-        for name in LOSS_PARTS:
-            if name in parts:
-                self._sums[name] = self._sums.get(name, 0.0) + float(parts[name])
-        self._count += 1
-        if micro == self.grad_accum_steps - 1:
-            means = {k: v / self._count for k, v in self._sums.items()}
-            self.printer(f"step {step} parts: " + " ".join(f"{k} {v:.5f}" for k, v in means.items()))
-            if self.log_dir is not None:
-                writer = self._tensorboard()
-                for name, value in means.items():
-                    writer.add_scalar(f"train/{name}", value, step)
-                writer.flush()
-
-    def _tensorboard(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        return self._writer
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
 
 
 # ------------------------------------------------------------------------------------------- the task
@@ -152,7 +64,9 @@ class XGRMTask:
         loss_fn: an :class:`~medgauss.losses.XGRMLoss` (its ``render_views`` is unused: the batch names the
             held-out views, drawn by the dataset from the sample id).
         chunk_size: voxels decoded at once for the full-grid panel decode (``None``: the model's default).
-        parts_logger: logs ``volume_mse``, ``render_l1``, ``render_dssim``, ``render`` (``None``: not logged).
+
+    :meth:`compute_loss` also returns the loss parts named in ``LOSS_PARTS`` (``volume_mse``, ``render_l1``,
+    ...), which the engine logs at its log steps (TensorBoard ``train/<part>`` and the log line).
 
     Batches are :func:`~medgauss.data.collate_xgrm_samples` of :class:`~medgauss.data.XGRMSampleDataset`
     items (``collate_fn`` hands it to the engine). The model is an :class:`~medgauss.nets.XGRM` (either
@@ -163,14 +77,13 @@ class XGRMTask:
     loss_tag = "xgrm_loss"
     collate_fn = staticmethod(collate_xgrm_samples)
 
-    def __init__(self, loss_fn: nn.Module, *, chunk_size: int | None = None,
-                 parts_logger: LossPartsLogger | None = None) -> None:
+    def __init__(self, loss_fn: nn.Module, *, chunk_size: int | None = None) -> None:
         if not callable(loss_fn):
             raise ValueError(f"loss_fn must be a callable loss module (XGRMLoss), got {type(loss_fn).__name__}")
         if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                        or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-        self.loss_fn, self.chunk_size, self.parts_logger = loss_fn, chunk_size, parts_logger
+        self.loss_fn, self.chunk_size = loss_fn, chunk_size
         self._device: torch.device | None = None
 
     @staticmethod
@@ -178,8 +91,10 @@ class XGRMTask:
         """Each sample's geometry restricted to its input views (the ``K`` the model sees), in order."""
         return [g.subset(ids) for g, ids in zip(batch["geometry"], batch["input_views"].tolist())]
 
-    def compute_loss(self, model: nn.Module, batch: Mapping[str, Any], device: torch.device) -> tuple[Tensor, Any]:
-        """``(total loss, model output)`` of one micro-batch (the output of the sub-boxes, ``XGRMOutput``)."""
+    def compute_loss(self, model: nn.Module, batch: Mapping[str, Any],
+                     device: torch.device) -> tuple[Tensor, Any, dict[str, float]]:
+        """``(total loss, model output, loss parts)`` of one micro-batch (the output of the sub-boxes,
+        ``XGRMOutput``; the parts of ``LOSS_PARTS`` the loss reported, as floats)."""
         core = _unwrapped(model)
         projections = batch["projections"].to(device, non_blocking=True)
         inputs = core.geometry_inputs(self.input_geometries(batch), device=device)
@@ -189,9 +104,7 @@ class XGRMTask:
         self._device = device
         total, parts = self.loss_fn(out, batch["volume"].to(device, non_blocking=True), batch["geometry"],
                                     batch["input_views"], heldout_views=batch["heldout_views"])
-        if self.parts_logger is not None:
-            self.parts_logger.record(batch["sample_id"], parts)
-        return total, out
+        return total, out, {name: float(parts[name]) for name in LOSS_PARTS if name in parts}
 
     @torch.no_grad()
     def panel(self, model: nn.Module, out: Any, batch: Mapping[str, Any], path: Path, step: int) -> None:

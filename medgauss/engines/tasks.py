@@ -14,7 +14,10 @@ The :class:`TrainTask` protocol (structural: any object with these members is a 
   The engine calls it inside Accelerate's autocast, in training mode, with the model Accelerate prepared
   (``DistributedDataParallel``-wrapped on several processes: call it, do not reach into it). All of the
   step's randomness must come from the global RNGs (which checkpoints restore) or from the batch, so a
-  resumed run repeats the uninterrupted one bit for bit.
+  resumed run repeats the uninterrupted one bit for bit. It may return a third element, a mapping
+  ``{name: float}`` of extra scalars (e.g. the parts of a multi-part loss): the engine averages them over
+  the step's micro-batches (the main process's) and, at its log steps, writes them to TensorBoard as
+  ``train/<name>`` and appends them to its log line.
 
 Optional members (looked up with ``getattr``):
 
@@ -63,7 +66,8 @@ class TrainTask(Protocol):
     loss_label: str
 
     def compute_loss(self, model: nn.Module, batch: Any, device: torch.device) -> tuple[Tensor, Any]:
-        """``(loss, out)``: scalar loss of the micro-batch ``batch`` and what :meth:`panel` needs."""
+        """``(loss, out)`` or ``(loss, out, scalars)``: scalar loss of the micro-batch ``batch``, what
+        :meth:`panel` needs, and optional extra scalars to log."""
         ...
 
 

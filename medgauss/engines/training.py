@@ -2,7 +2,7 @@
 
 One engine runs every kind of training (masked pretraining, feed-forward CT reconstruction, fine-tuning):
 the recipe plugs in its step as a *task* (:class:`medgauss.engines.tasks.TrainTask`: ``loss_label`` and
-``compute_loss(model, batch, device) -> (loss, out)``, optionally ``panel``) and, optionally, a held-out
+``compute_loss(model, batch, device) -> (loss, out[, scalars])``, optionally ``panel``) and, optionally, a held-out
 *validator* (:class:`medgauss.engines.validation.Validator`). Masked pretraining (what
 ``recipes/medgmae_pretrain.py`` does)::
 
@@ -465,6 +465,7 @@ class TrainingEngine:
         while step < self.max_steps:
             t_step = time.perf_counter()
             loss_sum = torch.zeros((), device=acc.device)
+            scalar_sums: dict[str, float] = {}  # the task's extra scalars, summed over this step's micro-batches
             for micro in range(self.grad_accum_steps):
                 batch = next(batches)
                 if self.record_samples:
@@ -472,12 +473,15 @@ class TrainingEngine:
                 last = micro == self.grad_accum_steps - 1
                 with contextlib.nullcontext() if last else acc.no_sync(model):
                     with acc.autocast():
-                        loss, out = task.compute_loss(model, batch, acc.device)
-                    if not torch.is_tensor(loss) or loss.numel() != 1:
+                        loss, out, *extra = task.compute_loss(model, batch, acc.device)
+                    if not torch.is_tensor(loss) or loss.numel() != 1 or len(extra) > 1:
                         raise ValueError(
-                            f"{type(task).__name__}.compute_loss must return (scalar loss tensor, out), got a loss "
-                            f"of type {type(loss).__name__} and shape {tuple(getattr(loss, 'shape', ()))}"
+                            f"{type(task).__name__}.compute_loss must return (scalar loss tensor, out[, scalars]), "
+                            f"got a loss of type {type(loss).__name__} and shape "
+                            f"{tuple(getattr(loss, 'shape', ()))} and {len(extra)} more values"
                         )
+                    for name, value in (extra[0] if extra else {}).items():
+                        scalar_sums[name] = scalar_sums.get(name, 0.0) + float(value)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss {loss.item()} at step {step + 1}")
                     acc.backward(loss / self.grad_accum_steps)
@@ -495,9 +499,13 @@ class TrainingEngine:
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.5f}", lr=f"{lr:.2e}")
             if step % self.log_every == 0 or step == self.max_steps or step == 1:
-                self.print(f"step {step}/{self.max_steps} {loss_label} {step_loss:.5f} lr {lr:.3e}")
+                scalars = {name: total / self.grad_accum_steps for name, total in scalar_sums.items()}
+                parts = "".join(f" | {name} {value:.5f}" for name, value in scalars.items())
+                self.print(f"step {step}/{self.max_steps} {loss_label} {step_loss:.5f} lr {lr:.3e}{parts}")
                 if writer is not None:
                     writer.add_scalar(f"train/{loss_tag}", step_loss, step)
+                    for name, value in scalars.items():
+                        writer.add_scalar(f"train/{name}", value, step)
                     writer.add_scalar("train/lr", lr, step)
                     writer.add_scalar("train/step_time_s", time.perf_counter() - t_step, step)
                     if grad_norm is not None:

@@ -268,3 +268,37 @@ def test_record_samples_needs_sample_ids(tmp_path):
     optimizer, scheduler = build_optimizer(model, max_steps=1)
     with pytest.raises(ValueError, match="'sample_id' entry"):
         engine.fit(model, RegressionTask(), NoIds(), optimizer, scheduler)
+
+
+def test_extra_scalars_of_a_task_are_averaged_over_micro_batches_and_logged_at_log_steps(tmp_path):
+    """A task's third return value: the engine writes ``train/<name>`` at its log steps (1, every
+    ``log_every``-th, the last) with the mean over the step's micro-batches, and appends it to the log line."""
+
+    class WithParts(RegressionTask):
+        def compute_loss(self, model, batch, device):
+            loss, out = super().compute_loss(model, batch, device)
+            first = int(batch["sample_id"][0])  # micro-batches of 2: ids 0-1, 2-3 in step 1, 4-5, 6-7 in step 2, ...
+            return loss, out, {"first_id": float(first), "constant": 0.5}
+
+    lines: list[str] = []
+    engine = TrainingEngine(run_dir=tmp_path, max_steps=5, batch_size=2, grad_accum_steps=2, cpu=True,
+                            progress=False, log_every=2, panel_every=0, checkpoint_every=0)
+    engine.print = lines.append
+    model = MLP(dropout=0.0)
+    optimizer, scheduler = build_optimizer(model, max_steps=5, lr=1e-2)
+    engine.fit(model, WithParts(), RegressionSamples(), optimizer, scheduler)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # step s holds ids 4(s-1) .. 4s-1 in micro-batches starting at 4(s-1) and 4(s-1)+2: mean first id 4s-3
+    assert [(e.step, e.value) for e in events.Scalars("train/first_id")] == [(1, 1.0), (2, 5.0), (4, 13.0), (5, 17.0)]
+    assert [e.value for e in events.Scalars("train/constant")] == [0.5] * 4
+    logged = [line for line in lines if line.startswith("step ")]
+    assert len(logged) == 4 and logged[1].endswith("| first_id 5.00000 | constant 0.50000")
+
+    class FourValues(RegressionTask):
+        def compute_loss(self, model, batch, device):
+            loss, out = super().compute_loss(model, batch, device)
+            return loss, out, {}, None
+
+    with pytest.raises(ValueError, match=r"\(scalar loss tensor, out\[, scalars\]\)"):
+        _fit(tmp_path / "four", max_steps=1, task=FourValues())

@@ -78,7 +78,7 @@ def test_config_keys_are_constructor_arguments(name):
     assert set(cfg.trainer) <= _params(TrainingEngine)
     assert set(cfg.optim) <= _params(build_optimizer, ("model", "max_steps"))
     assert set(cfg.loss) <= _params(XGRMLoss)
-    assert set(cfg.task) <= _params(XGRMTask, ("loss_fn", "parts_logger"))
+    assert set(cfg.task) <= _params(XGRMTask, ("loss_fn",))
     assert set(cfg.data.samples) <= _params(XGRMSampleDataset, ("batch_size", "rank", "world_size"))
     assert set(cfg.data.val) <= _params(ReconstructionValidator)
     if cfg.data.build is not None:
