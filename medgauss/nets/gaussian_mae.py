@@ -131,15 +131,24 @@ class GaussianMAE(PretrainedMixin, nn.Module):
         """Gaussians per sample, all levels."""
         return sum(self.level_sizes)
 
-    def forward(self, images: Tensor, noise: Tensor | None = None) -> GaussianMAEOutput:
+    def forward(self, images: Tensor, noise: Tensor | None = None,
+                mask_ratio: float | None = None) -> GaussianMAEOutput:
         """Mask, encode the visible patches, decode Gaussians.
 
         Args:
             images: ``[B, in_channels, *img_size]`` float, intensities in ``[0, 1]``.
             noise: optional ``[B, L]`` masking scores (lowest kept); default random.
+            mask_ratio: fraction of patches to hide for this call, in ``[0, 1)``; ``None`` (default) uses
+                the model's ``mask_ratio``. ``0.0`` shows the encoder every patch (inference, e.g.
+                :func:`medgauss.recon.gaussian.decoder_init.init_from_decoder`): without ``noise`` the
+                patches then stay in their original order and no random numbers are drawn.
         """
         tokens = self.encoder.embed(images)
-        masking = random_masking(tokens, self.mask_ratio, noise)
+        ratio = self.mask_ratio if mask_ratio is None else float(mask_ratio)
+        if mask_ratio is not None and ratio == 0.0 and noise is None:
+            b, length = tokens.shape[:2]
+            noise = torch.arange(length, dtype=torch.float32, device=tokens.device).expand(b, length)
+        masking = random_masking(tokens, ratio, noise)
         latent = self.encoder.encode_tokens(masking.kept)
         features = self.decoder(latent, masking.ids_keep)
         # Gaussian parameters are always computed in (at least) float32, also under bf16/fp16 autocast:

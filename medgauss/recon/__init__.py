@@ -4,6 +4,8 @@
   :func:`run_method`) and ``--opt`` option parsing;
 - :mod:`medgauss.recon.methods`: the built-in methods ``fdk``, ``sart``, ``asd_pocs`` (registered on import);
 - :mod:`medgauss.recon.learned`: the learned methods ``xgrm`` and ``ilrm`` (a trained XGRM checkpoint);
+- :mod:`medgauss.recon.gaussian`: per-case Gaussian reconstruction (3DGR), the method ``3dgr``, its
+  initialisers (FBP, R²-Gaussian, random, volume fit, pretrained MedGMAE decoder) and density control;
 - :mod:`medgauss.recon.inputs`: reading a prepared case or a projection + geometry file pair;
 - :mod:`medgauss.recon.cli`: the command and :func:`~medgauss.recon.cli.reconstruct`.
 
@@ -12,6 +14,7 @@ makes it available to the command.
 """
 
 from medgauss.recon import learned, methods  # noqa: F401  (register xgrm, ilrm; fdk, sart, asd_pocs)
+from medgauss.recon.gaussian import method as _gaussian_method  # noqa: F401  (registers 3dgr)
 from medgauss.recon.inputs import (
     ReconInputs,
     geometry_affine_from_json,
@@ -21,6 +24,7 @@ from medgauss.recon.inputs import (
     read_geometry_file,
 )
 from medgauss.recon.registry import (
+    MethodOutput,
     ReconMethod,
     available_methods,
     get_method,
@@ -30,6 +34,7 @@ from medgauss.recon.registry import (
 )
 
 __all__ = [
+    "MethodOutput",
     "ReconMethod",
     "register_method",
     "available_methods",

@@ -5,6 +5,8 @@ Usage::
     medgauss-reconstruct --method sart --case data/recon/case0 --views 8 --out out/case0_sart.nii.gz \\
         --opt iterations=20 --novel-views out/case0_sart_novel.npy
     medgauss-reconstruct --method fdk --projections p.npy --geometry g.json --out out/fdk.nii.gz
+    medgauss-reconstruct --method 3dgr --case data/recon/case0 --views 80 --out out/case0_3dgr.nii.gz \\
+        --opt init=decoder --checkpoint runs/pretrain --out-gaussians out/case0_3dgr.safetensors
     python -m medgauss.recon.cli --method fdk ...
 
 The input is a case folder written by ``medgauss-prepare-ct`` or a projection file with a geometry file
@@ -17,13 +19,18 @@ which is normalised to [0, 1] (data range 1; the reconstruction is not clipped).
 (ascending view order), saved as ``[V - K, rows, cols]`` float32, and ``novel_psnr`` against the
 measured projections of those views is printed with its data range ``novel_range`` (max - min of those
 measured projections). Method options pass through as ``--opt key=value`` (the keyword arguments of
-:func:`medgauss.ct.fdk` / :func:`~medgauss.ct.sart` / :func:`~medgauss.ct.asd_pocs`). User errors end with
-exit status 2 and a message on stderr naming the argument or file.
+:func:`medgauss.ct.fdk` / :func:`~medgauss.ct.sart` / :func:`~medgauss.ct.asd_pocs` /
+:func:`medgauss.recon.gaussian.reconstruct_3dgr`). ``--checkpoint`` is a saved model folder or a training run
+folder with a ``model/`` export. ``--out-gaussians G.safetensors`` (Gaussian methods: ``3dgr``) writes the
+fitted Gaussians in the output NIfTI's world frame, and the summary line adds the method's own facts
+(Gaussian counts, iterations, init and fit seconds). User errors end with exit status 2 and a message on
+stderr naming the argument or file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import uuid
@@ -33,10 +40,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from medgauss.ct.projectors import forward_project
 from medgauss.frame import save_nifti
+from medgauss.gaussians.coords import transform_gaussians
 from medgauss.metrics import projection_psnr, psnr, ssim_slices
 from medgauss.recon.inputs import ReconInputs, load_case_inputs, load_file_inputs
 from medgauss.recon.registry import (
@@ -44,7 +53,7 @@ from medgauss.recon.registry import (
     check_checkpoint,
     get_method,
     parse_options,
-    run_method,
+    run_method_output,
 )
 
 __all__ = ["DATA_RANGE", "ReconstructionResult", "reconstruct", "main", "cli"]
@@ -75,6 +84,8 @@ class ReconstructionResult:
     novel_views: Path | None = None
     novel_psnr: float | None = None
     novel_range: float | None = None
+    gaussians: Path | None = None
+    info: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """The one stdout line: ``method=... views=... seconds=... [psnr=... ssim=...] [novel_psnr=...]``."""
@@ -83,6 +94,8 @@ class ReconstructionResult:
             parts += [f"psnr={self.psnr:.4f}", f"ssim={self.ssim:.5f}"]
         if self.novel_psnr is not None:
             parts += [f"novel_psnr={self.novel_psnr:.4f}", f"novel_range={self.novel_range:.6g}"]
+        for key, value in (self.info or {}).items():
+            parts.append(f"{key}={value:.3f}" if isinstance(value, float) else f"{key}={value}")
         return " ".join(parts)
 
 
@@ -104,6 +117,16 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _save_gaussians(path: Path, gaussians: Any, inputs: ReconInputs) -> None:
+    """Write geometry-frame Gaussians in the output NIfTI's world frame: ``affine @ volume_affine^-1``."""
+    geometry_to_case = torch.as_tensor(inputs.affine, dtype=torch.float64) @ torch.linalg.inv(
+        inputs.geometry.volume_affine)
+    mapped = transform_gaussians(gaussians.detach().to("cpu", torch.float32), geometry_to_case)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mapped.save(path, metadata={"frame": "world (x, y, z) mm of the output NIfTI's affine",
+                                "affine": json.dumps(np.asarray(inputs.affine).tolist())})
+
+
 def reconstruct(
     inputs: ReconInputs,
     method: str,
@@ -112,6 +135,7 @@ def reconstruct(
     options: Mapping[str, Any] | None = None,
     checkpoint: str | Path | None = None,
     novel_views: str | Path | None = None,
+    out_gaussians: str | Path | None = None,
 ) -> ReconstructionResult:
     """Reconstruct ``inputs`` with ``method``, write the NIfTI (and novel views), and score them.
 
@@ -124,6 +148,9 @@ def reconstruct(
         checkpoint: model folder for methods that take one.
         novel_views: ``.npy`` for the reconstruction forward-projected at ``inputs.novel_ids``
             (``[V - K, rows, cols]`` float32).
+        out_gaussians: ``.safetensors`` for the fitted Gaussians of a Gaussian method (``3dgr``), written by
+            :meth:`medgauss.gaussians.Gaussians.save` in the output NIfTI's world frame (``inputs.affine``'s,
+            x, y, z mm), so they overlay the volume and the source CT.
 
     Returns:
         :class:`ReconstructionResult`.
@@ -139,12 +166,22 @@ def reconstruct(
     if novel_path is not None:
         _check_out_path(novel_path, "--novel-views", (".npy",))
         novel_geometry = inputs.novel_geometry()
+    gaussians_path = None if out_gaussians is None else Path(out_gaussians)
+    if gaussians_path is not None:
+        _check_out_path(gaussians_path, "--out-gaussians", (".safetensors",))
+        if not get_method(method).makes_gaussians:
+            raise ValueError(f"--out-gaussians: method {method!r} makes no Gaussians (only the Gaussian methods do, "
+                             f"e.g. 3dgr)")
     start = time.perf_counter()
-    volume = run_method(method, inputs.projections, inputs.geometry, options, checkpoint)
+    output = run_method_output(method, inputs.projections, inputs.geometry, options, checkpoint)
     seconds = time.perf_counter() - start
-    volume = volume.detach().float().cpu()
+    volume = output.volume.detach().float().cpu()
     save_nifti(out, volume[0, 0].numpy(), inputs.affine)
-    result = ReconstructionResult(method=method, views=len(inputs.view_ids), seconds=seconds, out=out, volume=volume)
+    result = ReconstructionResult(method=method, views=len(inputs.view_ids), seconds=seconds, out=out, volume=volume,
+                                  info=output.info or None)
+    if gaussians_path is not None and output.gaussians is not None:
+        _save_gaussians(gaussians_path, output.gaussians, inputs)
+        result.gaussians = gaussians_path
     if inputs.reference is not None:
         result.psnr = float(psnr(volume, inputs.reference, data_range=DATA_RANGE)[0])
         result.ssim = float(ssim_slices(volume, inputs.reference, data_range=DATA_RANGE, axis=0)[0])
@@ -165,7 +202,9 @@ def _parser() -> argparse.ArgumentParser:
     for name in available_methods():
         method = get_method(name)
         opts = ", ".join(f"{k}={v!r}" for k, v in method.option_defaults.items()) or "none"
-        ckpt = f"; --checkpoint: a {' or '.join(method.checkpoint_classes)}" if method.takes_checkpoint else ""
+        optional = " (optional)" if method.checkpoint_optional else ""
+        ckpt = (f"; --checkpoint{optional}: a {' or '.join(method.checkpoint_classes)}"
+                if method.takes_checkpoint else "")
         lines.append(f"  {name}: {method.description} (--opt defaults: {opts}{ckpt})")
     p = argparse.ArgumentParser(
         prog="medgauss-reconstruct",
@@ -184,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output NIfTI (.nii.gz or .nii)")
     p.add_argument("--checkpoint", type=Path, default=None, help="model folder, for learned methods")
     p.add_argument("--novel-views", type=Path, default=None, help=".npy for the views not used as inputs")
+    p.add_argument("--out-gaussians", type=Path, default=None,
+                   help=".safetensors for the fitted Gaussians (Gaussian methods: 3dgr), in the output's world frame")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable), e.g. iterations=20"
     )
@@ -205,13 +246,14 @@ def main(argv: Sequence[str] | None = None) -> ReconstructionResult:
     try:
         method = get_method(args.method)
         options = method.options_from_text(parse_options(args.opt))
-        check_checkpoint(method, args.checkpoint)
+        model_dir = check_checkpoint(method, args.checkpoint)
         if args.case is not None:
             inputs = load_case_inputs(args.case, args.views)
         else:
             inputs = load_file_inputs(args.projections, args.geometry, args.views)
         result = reconstruct(
-            inputs, args.method, args.out, options=options, checkpoint=args.checkpoint, novel_views=args.novel_views
+            inputs, args.method, args.out, options=options, checkpoint=model_dir, novel_views=args.novel_views,
+            out_gaussians=args.out_gaussians,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

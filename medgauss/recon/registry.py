@@ -29,6 +29,7 @@ from medgauss.geometry import CircularGeometry
 
 __all__ = [
     "MethodFn",
+    "MethodOutput",
     "ReconMethod",
     "register_method",
     "available_methods",
@@ -36,11 +37,29 @@ __all__ = [
     "parse_option_value",
     "parse_options",
     "check_checkpoint",
+    "resolve_checkpoint",
     "run_method",
+    "run_method_output",
 ]
 
-MethodFn = Callable[[Tensor, CircularGeometry, dict[str, Any], "Path | None"], Tensor]
-"""``(projections [1, K, rows, cols], geometry, options, checkpoint) -> volume [1, 1, D, H, W]``."""
+MethodFn = Callable[[Tensor, CircularGeometry, dict[str, Any], "Path | None"], "Tensor | MethodOutput"]
+"""``(projections [1, K, rows, cols], geometry, options, checkpoint) -> volume [1, 1, D, H, W]`` (or a
+:class:`MethodOutput` for a method that makes more than the volume)."""
+
+
+@dataclass
+class MethodOutput:
+    """What a method made: the volume, and for Gaussian methods the fitted Gaussians.
+
+    Attributes:
+        volume: ``[1, 1, D, H, W]`` on the geometry's grid.
+        gaussians: ``[1, N]`` Gaussians in the geometry's world frame (x, y, z mm), or ``None``.
+        info: method-specific facts for the caller (e.g. iterations run), JSON-serialisable.
+    """
+
+    volume: Tensor
+    gaussians: Any = None
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -54,6 +73,8 @@ class ReconMethod:
         option_defaults: option name -> default value of the wrapped function.
         checkpoint_classes: model class names a checkpoint may hold; empty for a method that takes none.
         description: one line for ``--help``.
+        checkpoint_optional: the method runs without a checkpoint too (one given is still checked).
+        makes_gaussians: the method returns Gaussians (``--out-gaussians`` applies).
     """
 
     name: str
@@ -62,6 +83,8 @@ class ReconMethod:
     option_defaults: Mapping[str, Any] = field(default_factory=dict)
     checkpoint_classes: tuple[str, ...] = ()
     description: str = ""
+    checkpoint_optional: bool = False
+    makes_gaussians: bool = False
 
     @property
     def takes_checkpoint(self) -> bool:
@@ -176,6 +199,8 @@ def register_method(
     exclude: Sequence[str] = (),
     checkpoint_classes: Sequence[str] = (),
     description: str = "",
+    checkpoint_optional: bool = False,
+    makes_gaussians: bool = False,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register a reconstruction method under ``name``.
 
@@ -185,8 +210,12 @@ def register_method(
             (e.g. :func:`medgauss.ct.sart`); ``None`` for a method without options.
         exclude: parameters of ``options_from`` that are not options (e.g. ``initial``).
         checkpoint_classes: model class names (``config.json`` ``"class"``) a checkpoint for this method
-            may hold; empty for a method that takes no checkpoint. A method with classes requires one.
+            may hold; empty for a method that takes no checkpoint. A method with classes requires one unless
+            ``checkpoint_optional``.
         description: one line for ``--help``.
+        checkpoint_optional: a method with ``checkpoint_classes`` that also runs without a checkpoint (e.g.
+            ``3dgr``, which needs one only to initialise from a pretrained decoder).
+        makes_gaussians: the method returns a :class:`MethodOutput` with Gaussians.
 
     Raises:
         ValueError: a malformed or already registered name.
@@ -206,6 +235,8 @@ def register_method(
             option_defaults=option_defaults,
             checkpoint_classes=tuple(checkpoint_classes),
             description=description,
+            checkpoint_optional=checkpoint_optional,
+            makes_gaussians=makes_gaussians,
         )
         return fn
 
@@ -267,8 +298,30 @@ def parse_options(pairs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def check_checkpoint(method: ReconMethod, checkpoint: Path | None) -> None:
+def resolve_checkpoint(checkpoint: Path) -> Path:
+    """The model folder of ``--checkpoint``: the folder itself when it holds ``config.json``, else its
+    ``model/`` export (a training run folder of ``recipes/*``).
+
+    Raises:
+        FileNotFoundError naming ``--checkpoint`` when neither exists.
+    """
+    if (checkpoint / CONFIG_NAME).is_file():
+        return checkpoint
+    if (checkpoint / "model" / CONFIG_NAME).is_file():
+        return checkpoint / "model"
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"--checkpoint: folder not found: {checkpoint}")
+    raise FileNotFoundError(
+        f"--checkpoint: {checkpoint / CONFIG_NAME} is missing (not a saved medgauss model, nor a training run "
+        "folder with a model/ export)"
+    )
+
+
+def check_checkpoint(method: ReconMethod, checkpoint: Path | None) -> Path | None:
     """Refuse a checkpoint given to a method that takes none, and a missing, unreadable or wrong-class one.
+
+    Returns:
+        The model folder (see :func:`resolve_checkpoint`), or ``None`` without a checkpoint.
 
     Raises:
         ValueError / FileNotFoundError naming ``--checkpoint`` and the file at fault.
@@ -279,16 +332,15 @@ def check_checkpoint(method: ReconMethod, checkpoint: Path | None) -> None:
                 f"--checkpoint {checkpoint}: method {method.name!r} takes no checkpoint (it reconstructs from "
                 "the projections alone); drop --checkpoint"
             )
-        return
+        return None
     if checkpoint is None:
+        if method.checkpoint_optional:
+            return None
         raise ValueError(
             f"method {method.name!r} needs --checkpoint DIR (a trained {' or '.join(method.checkpoint_classes)})"
         )
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"--checkpoint: folder not found: {checkpoint}")
-    config_path = checkpoint / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"--checkpoint: {config_path} is missing (not a saved medgauss model)")
+    model_dir = resolve_checkpoint(checkpoint)
+    config_path = model_dir / CONFIG_NAME
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -299,6 +351,7 @@ def check_checkpoint(method: ReconMethod, checkpoint: Path | None) -> None:
             f"--checkpoint: {config_path} holds a model of class {held!r}, but method {method.name!r} needs "
             f"{' or '.join(method.checkpoint_classes)}"
         )
+    return model_dir
 
 
 def run_method(
@@ -308,6 +361,17 @@ def run_method(
     options: Mapping[str, Any] | None = None,
     checkpoint: str | Path | None = None,
 ) -> Tensor:
+    """Reconstruct with the registered method ``name``: the volume of :func:`run_method_output`."""
+    return run_method_output(name, projections, geometry, options, checkpoint).volume
+
+
+def run_method_output(
+    name: str,
+    projections: Tensor,
+    geometry: CircularGeometry,
+    options: Mapping[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
+) -> MethodOutput:
     """Reconstruct with the registered method ``name``.
 
     Args:
@@ -316,10 +380,12 @@ def run_method(
         geometry: the ``K`` views' geometry.
         options: typed method options (checked against the method's; text goes through
             :meth:`ReconMethod.options_from_text` first).
-        checkpoint: folder of a saved model, for methods that take one.
+        checkpoint: folder of a saved model (or a training run folder with a ``model/`` export), for methods
+            that take one.
 
     Returns:
-        ``[1, 1, D, H, W]`` volume on ``geometry``'s grid (``geometry.vol_shape``).
+        :class:`MethodOutput` whose ``volume`` is ``[1, 1, D, H, W]`` on ``geometry``'s grid
+        (``geometry.vol_shape``).
 
     Raises:
         ValueError / FileNotFoundError: an unregistered method, a bad option, a checkpoint given to a
@@ -328,8 +394,7 @@ def run_method(
     """
     method = get_method(name)
     typed = method.check_options(options or {})
-    ckpt = None if checkpoint is None else Path(checkpoint)
-    check_checkpoint(method, ckpt)
+    model_dir = check_checkpoint(method, None if checkpoint is None else Path(checkpoint))
     want = (1, *geometry.output_shape())
     if not isinstance(projections, Tensor) or tuple(projections.shape) != want:
         raise ValueError(
@@ -337,10 +402,11 @@ def run_method(
             f"{tuple(getattr(projections, 'shape', ()))}"
         )
     with torch.no_grad():
-        volume = method.fn(projections, geometry, typed, ckpt)
+        made = method.fn(projections, geometry, typed, model_dir)
+    output = made if isinstance(made, MethodOutput) else MethodOutput(made)
     expected = (1, 1, *geometry.vol_shape)
-    if not isinstance(volume, Tensor) or tuple(volume.shape) != expected:
+    if not isinstance(output.volume, Tensor) or tuple(output.volume.shape) != expected:
         raise RuntimeError(
-            f"method {name!r} returned shape {tuple(getattr(volume, 'shape', ()))}, expected {list(expected)}"
+            f"method {name!r} returned shape {tuple(getattr(output.volume, 'shape', ()))}, expected {list(expected)}"
         )
-    return volume
+    return output

@@ -2,7 +2,6 @@
 
 import json
 import shutil
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,7 +10,6 @@ import torch
 from scipy import ndimage
 
 from medgauss.ct import forward_project, sart
-from medgauss.ct.prepare import main as prepare_main
 from medgauss.frame import grid_affine
 from medgauss.geometry import geometry_from_json
 from medgauss.recon import (
@@ -25,34 +23,10 @@ from medgauss.recon import (
 )
 from medgauss.recon.cli import main
 from medgauss.recon.registry import parse_option_value
+from tests.recon.conftest import VIEWS  # views in the case (the case_dir fixture is in conftest.py)
 
-VIEWS = 24  # views in the case
 K = 12  # input views of most tests: evenly spaced = the even indices, novel = the odd ones
 FAST = {"sart": ["--opt", "iterations=3"], "asd_pocs": ["--opt", "iterations=3", "--opt", "tv_iterations=5"]}
-
-
-def _phantom_nifti(path: Path) -> None:
-    """A water ellipsoid with a bone insert in air, on a shifted 2 mm grid (HU)."""
-    n = 30
-    r = (np.stack(np.meshgrid(*[np.arange(n)] * 3, indexing="ij"), -1) - (n - 1) / 2) * 2.0
-    hu = np.full((n, n, n), -1000.0, np.float32)
-    hu[(r[..., 0] / 24) ** 2 + (r[..., 1] / 20) ** 2 + (r[..., 2] / 22) ** 2 <= 1] = 0.0
-    hu[((r[..., 0] - 5) / 7) ** 2 + ((r[..., 1] + 4) / 5) ** 2 + ((r[..., 2] - 3) / 6) ** 2 <= 1] = 1200.0
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = (10.0, -20.0, 30.0)
-    nib.save(nib.Nifti1Image(hu, affine), str(path))
-
-
-@pytest.fixture(scope="module")
-def case_dir(tmp_path_factory) -> Path:
-    """One 24^3 case with 24 views on a 32^2 detector, prepared by the real medgauss-prepare-ct path."""
-    root = tmp_path_factory.mktemp("recon")
-    (root / "in").mkdir()
-    _phantom_nifti(root / "in" / "phantom.nii.gz")
-    args = ["--folder", str(root / "in"), "--out", str(root / "ds"), "--fov-mm", "60", "--grid", "24"]
-    args += ["--views", str(VIEWS), "--det-size", "32", "--dso", "200", "--dsd", "300", "--photons", "0"]
-    assert prepare_main([*args, "--no-progress"]) == ["phantom"]
-    return root / "ds" / "phantom"
 
 
 def _case(case_dir):
@@ -291,8 +265,8 @@ def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
 
 
 def test_registry_and_unregistered_methods(case_dir, tmp_path, capsys):
-    assert {"fdk", "sart", "asd_pocs", "xgrm", "ilrm"} <= set(available_methods())
-    for name in ("3dgr", "not_a_method"):
+    assert {"fdk", "sart", "asd_pocs", "xgrm", "ilrm", "3dgr"} <= set(available_methods())
+    for name in ("4dgr", "not_a_method"):
         err = _fails(capsys, ["--method", name, "--case", case_dir, "--views", K, "--out", tmp_path / "x.nii.gz"])
         assert f"method '{name}' is not registered" in err and "fdk" in err
     with pytest.raises(ValueError, match="already registered"):
