@@ -5,8 +5,8 @@ Usage::
     medgauss-reconstruct --method sart --case data/recon/case0 --views 8 --out out/case0_sart.nii.gz \\
         --opt iterations=20 --novel-views out/case0_sart_novel.npy
     medgauss-reconstruct --method fdk --projections p.npy --geometry g.json --out out/fdk.nii.gz
-    medgauss-reconstruct --method 3dgr --case data/recon/case0 --views 80 --out out/case0_3dgr.nii.gz \\
-        --opt init=decoder --checkpoint runs/pretrain --out-gaussians out/case0_3dgr.safetensors
+    medgauss-reconstruct --method 3dgr --init decoder --checkpoint runs/pretrain --case data/recon/case0 \\
+        --views 80 --out out/case0_3dgr.nii.gz --out-gaussians out/case0_3dgr.safetensors
     python -m medgauss.recon.cli --method fdk ...
 
 The input is a case folder written by ``medgauss-prepare-ct`` or a projection file with a geometry file
@@ -21,7 +21,8 @@ measured projections of those views is printed with its data range ``novel_range
 measured projections). Method options pass through as ``--opt key=value`` (the keyword arguments of
 :func:`medgauss.ct.fdk` / :func:`~medgauss.ct.sart` / :func:`~medgauss.ct.asd_pocs` /
 :func:`medgauss.recon.gaussian.reconstruct_3dgr`). ``--checkpoint`` is a saved model folder or a training run
-folder with a ``model/`` export. ``--out-gaussians G.safetensors`` (Gaussian methods: ``3dgr``) writes the
+folder with a ``model/`` export. ``--init NAME`` is ``--opt init=NAME`` (the initialiser of a Gaussian method).
+``--out-gaussians G.safetensors`` (Gaussian methods: ``3dgr``) writes the
 fitted Gaussians in the output NIfTI's world frame, and the summary line adds the method's own facts
 (Gaussian counts, iterations, init and fit seconds). User errors end with exit status 2 and a message on
 stderr naming the argument or file.
@@ -225,6 +226,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--novel-views", type=Path, default=None, help=".npy for the views not used as inputs")
     p.add_argument("--out-gaussians", type=Path, default=None,
                    help=".safetensors for the fitted Gaussians (Gaussian methods: 3dgr), in the output's world frame")
+    p.add_argument("--init", default=None,
+                   help="initialiser of a Gaussian method (3dgr: fbp, r2, random, volume_fit, decoder); "
+                        "the same as --opt init=...")
     p.add_argument(
         "--opt", action="append", default=[], metavar="KEY=VALUE", help="method option (repeatable), e.g. iterations=20"
     )
@@ -245,7 +249,15 @@ def main(argv: Sequence[str] | None = None) -> ReconstructionResult:
         parser.error("--geometry goes with --projections; a --case folder holds its own geometry")
     try:
         method = get_method(args.method)
-        options = method.options_from_text(parse_options(args.opt))
+        texts = parse_options(args.opt)
+        if args.init is not None:
+            if "init" not in method.option_types:
+                raise ValueError(f"--init: method {method.name!r} has no initialiser (only the Gaussian methods, "
+                                 "e.g. 3dgr)")
+            if "init" in texts:
+                raise ValueError(f"--init {args.init} and --opt init={texts['init']}: give the initialiser once")
+            texts["init"] = args.init
+        options = method.options_from_text(texts)
         model_dir = check_checkpoint(method, args.checkpoint)
         if args.case is not None:
             inputs = load_case_inputs(args.case, args.views)

@@ -36,7 +36,7 @@ def test_3dgr_round_trip_writes_the_volume_and_gaussians_in_its_frame(case_dir, 
     meta = json.loads((case_dir / "meta.json").read_text())
     truth = np.load(case_dir / "volume.npy").astype(np.float64)
     out, gauss = tmp_path / "v.nii.gz", tmp_path / "g.safetensors"
-    line = _run(capsys, ["--method", "3dgr", "--case", case_dir, "--views", 24, "--out", out,
+    line = _run(capsys, ["--method", "3dgr", "--init", "r2", "--case", case_dir, "--views", 24, "--out", out,
                          "--out-gaussians", gauss, *FAST])
     assert line["method"] == "3dgr" and int(line["initial_gaussians"]) > 0 and int(line["iterations"]) == 60
     img = nib.load(str(out))
@@ -60,6 +60,10 @@ def test_3dgr_options_and_errors(case_dir, tmp_path, capsys):
     err = _fails(capsys, ["--method", "3dgr", *base, "--out-gaussians", tmp_path / "g.npy"])
     assert "--out-gaussians" in err and ".safetensors" in err
     assert "init must be one of" in _fails(capsys, ["--method", "3dgr", *base, "--opt", "init=magic"])
+    assert "init must be one of" in _fails(capsys, ["--method", "3dgr", *base, "--init", "magic"])
+    assert "give the initialiser once" in _fails(capsys, ["--method", "3dgr", *base, "--init", "r2", "--opt",
+                                                          "init=fbp"])
+    assert "has no initialiser" in _fails(capsys, ["--method", "sart", *base, "--init", "r2"])
     err = _fails(capsys, ["--method", "3dgr", *base, "--opt", "init=decoder"])
     assert "needs --checkpoint" in err
     other = tmp_path / "vmae"
