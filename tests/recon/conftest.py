@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from medgauss.ct.prepare import main as prepare_main
+from medgauss.recon.cli import main as reconstruct_main
 
 VIEWS = 24  # views in the case
 
@@ -35,3 +36,21 @@ def case_dir(tmp_path_factory) -> Path:
     return root / "ds" / "phantom"
 
 
+
+
+def run_cli(capsys, argv) -> dict[str, str]:
+    """Run ``medgauss-reconstruct`` and parse its one summary line into ``key -> value``."""
+    reconstruct_main([str(a) for a in argv])
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line
+    return dict(item.split("=", 1) for item in line.split())
+
+
+def cli_fails(capsys, argv) -> str:
+    """Run ``medgauss-reconstruct`` expecting a user error: exit status 2, a message and no traceback."""
+    with pytest.raises(SystemExit) as info:
+        reconstruct_main([str(a) for a in argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

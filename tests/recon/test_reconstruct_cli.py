@@ -21,9 +21,8 @@ from medgauss.recon import (
     register_method,
     registry,
 )
-from medgauss.recon.cli import main
 from medgauss.recon.registry import parse_option_value
-from tests.recon.conftest import VIEWS  # views in the case (the case_dir fixture is in conftest.py)
+from tests.recon.conftest import VIEWS, cli_fails, run_cli  # the case_dir fixture is in conftest.py
 
 K = 12  # input views of most tests: evenly spaced = the even indices, novel = the odd ones
 FAST = {"sart": ["--opt", "iterations=3"], "asd_pocs": ["--opt", "iterations=3", "--opt", "tv_iterations=5"]}
@@ -33,22 +32,6 @@ def _case(case_dir):
     meta = json.loads((case_dir / "meta.json").read_text())
     geometry = geometry_from_json((case_dir / "geometry.json").read_text())
     return meta, geometry, np.load(case_dir / "projections.npy"), np.load(case_dir / "volume.npy")
-
-
-def _run(capsys, argv):
-    main([str(a) for a in argv])
-    line = capsys.readouterr().out.strip()
-    assert "\n" not in line
-    return dict(item.split("=", 1) for item in line.split())
-
-
-def _fails(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as info:
-        main([str(a) for a in argv])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 def _ssim_slices_reference(x: np.ndarray, y: np.ndarray) -> float:
@@ -68,7 +51,8 @@ def test_round_trip_every_method(case_dir, tmp_path, capsys, method):
     meta, geometry, _, truth = _case(case_dir)
     views = VIEWS if method == "fdk" else K
     out = tmp_path / "new" / "folder" / f"{method}.nii.gz"  # missing folders are created
-    line = _run(capsys, ["--method", method, "--case", case_dir, "--views", views, "--out", out, *FAST.get(method, [])])
+    line = run_cli(capsys, ["--method", method, "--case", case_dir, "--views", views, "--out", out,
+                            *FAST.get(method, [])])
     img = nib.load(str(out))
     volume = np.asarray(img.dataobj, dtype=np.float64)
     np.testing.assert_allclose(img.affine, np.array(meta["affine"]), rtol=0, atol=1e-5)
@@ -90,8 +74,8 @@ def test_file_route_reproduces_case_route(case_dir, tmp_path, capsys):
     ids = [i * VIEWS // K for i in range(K)]
     np.save(tmp_path / "p.npy", projections[ids])
     (tmp_path / "g.json").write_text(geometry_to_json(geometry.subset(ids), affine=np.array(meta["affine"])))
-    _run(capsys, ["--method", "fdk", "--case", case_dir, "--views", K, "--out", tmp_path / "case.nii.gz"])
-    line = _run(
+    run_cli(capsys, ["--method", "fdk", "--case", case_dir, "--views", K, "--out", tmp_path / "case.nii.gz"])
+    line = run_cli(
         capsys,
         [
             "--method",
@@ -111,7 +95,7 @@ def test_file_route_reproduces_case_route(case_dir, tmp_path, capsys):
     # all views + --views K selects the same views; a case's own geometry.json (no affine) places the volume
     # by the geometry: the grid centred at vol_offset
     np.save(tmp_path / "all.npy", projections)
-    _run(
+    run_cli(
         capsys,
         [
             "--method",
@@ -177,7 +161,7 @@ def test_options_parse_and_reach_the_method(case_dir, tmp_path, capsys):
     _, geometry, projections, _ = _case(case_dir)
     ids = [i * VIEWS // K for i in range(K)]
     out = tmp_path / "s.nii.gz"
-    _run(
+    run_cli(
         capsys,
         [
             "--method",
@@ -209,23 +193,23 @@ def test_options_parse_and_reach_the_method(case_dir, tmp_path, capsys):
 
 def test_option_errors(case_dir, tmp_path, capsys):
     base = ["--case", case_dir, "--views", K, "--out", tmp_path / "o.nii.gz"]
-    err = _fails(capsys, ["--method", "sart", *base, "--opt", "lam=0.5"])
+    err = cli_fails(capsys, ["--method", "sart", *base, "--opt", "lam=0.5"])
     assert "no option 'lam'" in err
     assert "valid options: backend, iterations, nonnegative, num_subsets, progress, relaxation" in err
-    assert "valid options: window" in _fails(capsys, ["--method", "fdk", *base, "--opt", "iterations=3"])
-    assert "expects key=value" in _fails(capsys, ["--method", "sart", *base, "--opt", "iterations"])
-    assert "given twice" in _fails(
+    assert "valid options: window" in cli_fails(capsys, ["--method", "fdk", *base, "--opt", "iterations=3"])
+    assert "expects key=value" in cli_fails(capsys, ["--method", "sart", *base, "--opt", "iterations"])
+    assert "given twice" in cli_fails(
         capsys, ["--method", "sart", *base, "--opt", "iterations=1", "--opt", "iterations=2"]
     )
-    assert "must be int" in _fails(capsys, ["--method", "sart", *base, "--opt", "iterations=many"])
-    assert "relaxation must lie in (0, 2)" in _fails(capsys, ["--method", "sart", *base, "--opt", "relaxation=3"])
+    assert "must be int" in cli_fails(capsys, ["--method", "sart", *base, "--opt", "iterations=many"])
+    assert "relaxation must lie in (0, 2)" in cli_fails(capsys, ["--method", "sart", *base, "--opt", "relaxation=3"])
     assert not (tmp_path / "o.nii.gz").exists()
 
 
 def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
     _, geometry, projections, _ = _case(case_dir)
     out, novel = tmp_path / "f.nii.gz", tmp_path / "nv" / "novel.npy"
-    line = _run(capsys, ["--method", "fdk", "--case", case_dir, "--views", K, "--out", out, "--novel-views", novel])
+    line = run_cli(capsys, ["--method", "fdk", "--case", case_dir, "--views", K, "--out", out, "--novel-views", novel])
     rendered = np.load(novel)
     unused = list(range(1, VIEWS, 2))  # 12 evenly spaced of 24 are the even views
     assert rendered.shape == (VIEWS - K, 32, 32) and rendered.dtype == np.float32
@@ -239,7 +223,7 @@ def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
     assert float(line["novel_psnr"]) == pytest.approx(10 * np.log10(data_range**2 / mse), abs=2e-4)
     # the file route renders the views of its geometry file that were not inputs
     np.save(tmp_path / "all.npy", projections)
-    _run(
+    run_cli(
         capsys,
         [
             "--method",
@@ -257,7 +241,7 @@ def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
         ],
     )
     np.testing.assert_array_equal(np.load(tmp_path / "g.npy"), rendered)
-    err = _fails(
+    err = cli_fails(
         capsys,
         ["--method", "fdk", "--case", case_dir, "--out", tmp_path / "x.nii.gz", "--novel-views", tmp_path / "x.npy"],
     )
@@ -267,7 +251,7 @@ def test_novel_views_are_the_unused_views(case_dir, tmp_path, capsys):
 def test_registry_and_unregistered_methods(case_dir, tmp_path, capsys):
     assert {"fdk", "sart", "asd_pocs", "xgrm", "ilrm", "3dgr"} <= set(available_methods())
     for name in ("4dgr", "not_a_method"):
-        err = _fails(capsys, ["--method", name, "--case", case_dir, "--views", K, "--out", tmp_path / "x.nii.gz"])
+        err = cli_fails(capsys, ["--method", name, "--case", case_dir, "--views", K, "--out", tmp_path / "x.nii.gz"])
         assert f"method '{name}' is not registered" in err and "fdk" in err
     with pytest.raises(ValueError, match="already registered"):
         register_method("fdk")(lambda *a: None)
@@ -275,17 +259,17 @@ def test_registry_and_unregistered_methods(case_dir, tmp_path, capsys):
 
 def test_checkpoint_errors(case_dir, tmp_path, capsys, monkeypatch):
     base = ["--case", case_dir, "--views", K, "--out", tmp_path / "o.nii.gz"]
-    err = _fails(capsys, ["--method", "fdk", *base, "--checkpoint", tmp_path])
+    err = cli_fails(capsys, ["--method", "fdk", *base, "--checkpoint", tmp_path])
     assert "--checkpoint" in err and "'fdk' takes no checkpoint" in err
     # a method that needs a checkpoint of one model class (as learned methods will)
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     register_method("needs_model", checkpoint_classes=("XGRM",))(lambda p, g, o, c: torch.zeros(1, 1, 24, 24, 24))
-    assert "needs --checkpoint" in _fails(capsys, ["--method", "needs_model", *base])
+    assert "needs --checkpoint" in cli_fails(capsys, ["--method", "needs_model", *base])
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
-    assert "config.json is missing" in _fails(capsys, ["--method", "needs_model", *base, "--checkpoint", ckpt])
+    assert "config.json is missing" in cli_fails(capsys, ["--method", "needs_model", *base, "--checkpoint", ckpt])
     (ckpt / "config.json").write_text(json.dumps({"format": "medgauss.nets", "class": "GaussianMAE", "kwargs": {}}))
-    err = _fails(capsys, ["--method", "needs_model", *base, "--checkpoint", ckpt])
+    err = cli_fails(capsys, ["--method", "needs_model", *base, "--checkpoint", ckpt])
     assert str(ckpt / "config.json") in err and "'GaussianMAE'" in err and "XGRM" in err
     assert not (tmp_path / "o.nii.gz").exists()
 
@@ -298,7 +282,7 @@ def test_bad_files_and_arguments(case_dir, tmp_path, capsys):
 
     def file_route(array, name="p.npy"):
         np.save(tmp_path / name, array)
-        return _fails(capsys, ["--method", "fdk", "--projections", tmp_path / name, "--geometry", geo, *out])
+        return cli_fails(capsys, ["--method", "fdk", "--projections", tmp_path / name, "--geometry", geo, *out])
 
     err = file_route(projections[: K - 1])
     assert "p.npy holds 11 views" in err and "g.json describes 12" in err
@@ -309,28 +293,29 @@ def test_bad_files_and_arguments(case_dir, tmp_path, capsys):
     bad[0, 0, 0] = np.inf
     assert "nan.npy holds 2 non-finite value(s)" in file_route(bad, "nan.npy")
     (tmp_path / "junk.npy").write_bytes(b"not an array")
-    assert "junk.npy is not a readable .npy array" in _fails(
+    assert "junk.npy is not a readable .npy array" in cli_fails(
         capsys, ["--method", "fdk", "--projections", tmp_path / "junk.npy", "--geometry", geo, *out]
     )
-    assert "file not found" in _fails(
+    assert "file not found" in cli_fails(
         capsys, ["--method", "fdk", "--projections", tmp_path / "none.npy", "--geometry", geo, *out]
     )
-    assert "--geometry: file not found" in _fails(
+    assert "--geometry: file not found" in cli_fails(
         capsys, ["--method", "fdk", "--projections", tmp_path / "p.npy", "--geometry", tmp_path / "none.json", *out]
     )
-    assert "--projections needs --geometry" in _fails(
+    assert "--projections needs --geometry" in cli_fails(
         capsys, ["--method", "fdk", "--projections", tmp_path / "p.npy", *out]
     )
-    assert "--geometry goes with --projections" in _fails(
+    assert "--geometry goes with --projections" in cli_fails(
         capsys, ["--method", "fdk", "--case", case_dir, "--geometry", geo, *out]
     )
     # views out of range
-    assert f"--views 25 exceeds the {VIEWS} views of {case_dir}" in _fails(
+    assert f"--views 25 exceeds the {VIEWS} views of {case_dir}" in cli_fails(
         capsys, ["--method", "fdk", "--case", case_dir, "--views", 25, *out]
     )
-    assert "--views must be at least 1" in _fails(capsys, ["--method", "fdk", "--case", case_dir, "--views", 0, *out])
+    assert "--views must be at least 1" in cli_fails(capsys, ["--method", "fdk", "--case", case_dir, "--views", 0,
+                                                              *out])
     # output names
-    assert "must end in .nii.gz or .nii" in _fails(
+    assert "must end in .nii.gz or .nii" in cli_fails(
         capsys, ["--method", "fdk", "--case", case_dir, "--out", tmp_path / "o.npy"]
     )
     assert not (tmp_path / "o.nii.gz").exists()
@@ -338,7 +323,7 @@ def test_bad_files_and_arguments(case_dir, tmp_path, capsys):
 
 def test_missing_and_corrupt_cases(case_dir, tmp_path, capsys):
     def fails_on(folder) -> str:
-        return _fails(capsys, ["--method", "fdk", "--case", folder, "--views", K, "--out", tmp_path / "o.nii.gz"])
+        return cli_fails(capsys, ["--method", "fdk", "--case", folder, "--views", K, "--out", tmp_path / "o.nii.gz"])
 
     assert f"--case: folder not found: {tmp_path / 'nope'}" in fails_on(tmp_path / "nope")
     assert "is a dataset folder" in fails_on(case_dir.parent)
