@@ -72,11 +72,12 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 from medgauss.ct import fdk  # noqa: E402
 from medgauss.data import build_xgrm_dataset  # noqa: E402
 from medgauss.metrics import psnr, ssim_slices  # noqa: E402
-from medgauss.recon import load_case_inputs  # noqa: E402
+from medgauss.recon import ReconInputs, load_case_inputs  # noqa: E402
 from medgauss.recon.gaussian import (  # noqa: E402
     DensityControl,
     GaussianReconConfig,
@@ -165,29 +166,22 @@ def first_reaching(history: list[dict[str, Any]], key: str, target: float) -> di
     return None
 
 
-def fit_case(case_dir: Path, init: str, seed: int, checkpoint: Path, num_gaussians: int,
+def fit_case(inputs: ReconInputs, init: str, seed: int, checkpoint: Path, num_gaussians: int,
              args: argparse.Namespace) -> dict[str, Any]:
-    inputs = load_case_inputs(case_dir)
+    """One fit; its seconds include the FDK and the initialiser, as ``reconstruct_3dgr`` times them."""
     result = reconstruct_3dgr(inputs.projections, inputs.geometry, init=init, seed=seed,
                               checkpoint=checkpoint if init == "decoder" else None, num_gaussians=num_gaussians,
                               iterations=args.iterations, views_per_step=args.views_per_step,
                               reference=inputs.reference, eval_every=args.eval_every)
     history = [{"iteration": r.iteration, "seconds": result.init_seconds + r.seconds, "psnr": r.psnr,
                 "ssim": r.ssim, "gaussians": r.num_gaussians} for r in result.history]
-    return {"case": case_dir.name, "init": init, "seed": seed, "init_seconds": result.init_seconds,
+    return {"case": Path(inputs.source).name, "init": init, "seed": seed, "init_seconds": result.init_seconds,
             "initial_gaussians": result.initial.num_gaussians, "history": history}
 
 
-def fdk_row(case_dir: Path) -> dict[str, float]:
-    inputs = load_case_inputs(case_dir)
-    volume = fdk(inputs.projections, inputs.geometry)
+def fdk_row(inputs: ReconInputs, volume: Tensor) -> dict[str, float]:
     return {"psnr": float(psnr(volume, inputs.reference, data_range=1.0)[0]),
             "ssim": float(ssim_slices(volume, inputs.reference, data_range=1.0, axis=0)[0])}
-
-
-def decoder_count(case_dir: Path, checkpoint: Path) -> int:
-    inputs = load_case_inputs(case_dir)
-    return init_from_decoder(fdk(inputs.projections, inputs.geometry), inputs.geometry, checkpoint).num_gaussians
 
 
 def add_targets(runs: list[dict[str, Any]]) -> None:
@@ -205,10 +199,8 @@ def add_targets(runs: list[dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- routes
-def time_routes(case_dir: Path, counts: list[int], views_per_step: int | None, args: argparse.Namespace
-                ) -> list[dict[str, Any]]:
-    inputs = load_case_inputs(case_dir)
-    volume = fdk(inputs.projections, inputs.geometry)
+def time_routes(inputs: ReconInputs, volume: Tensor, counts: list[int], views_per_step: int | None,
+                args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for n in counts:
         start = init_from_fbp(volume, inputs.geometry, num_gaussians=n, recipe="r2")
@@ -316,7 +308,7 @@ def target_verdict(results: dict[str, Any]) -> dict[str, Any] | None:
             return _stats([r[key] for r in selected if r["init"] == init])[0]
 
         fbp, dec, fit = mean_it("fbp"), mean_it("decoder"), mean_it("volume_fit")
-        ratio = None if not (fbp and dec) else fbp / dec
+        ratio = None if fbp is None or dec is None else (math.inf if dec == 0 else fbp / dec)  # 0: at the start
         return {"fbp_iterations": fbp, "decoder_iterations": dec, "volume_fit_iterations": fit,
                 "ratio_fbp_over_decoder": ratio, "met": ratio is not None and ratio >= TARGET_RATIO,
                 "decoder_beats_volume_fit": None if dec is None or fit is None else dec < fit}
@@ -414,13 +406,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per: dict[str, Any] = {"runs": [], "fdk": []}
         for group, folders in cases[v].items():
             for case_dir in folders:
-                per["fdk"].append({"group": group, "case": case_dir.name, **fdk_row(case_dir)})
-                count = decoder_count(case_dir, run_dir)
+                inputs = load_case_inputs(case_dir)
+                volume = fdk(inputs.projections, inputs.geometry)
+                per["fdk"].append({"group": group, "case": case_dir.name, **fdk_row(inputs, volume)})
+                count = init_from_decoder(volume, inputs.geometry, run_dir).num_gaussians  # every init's N
                 case_runs = []
                 for seed in range(args.seeds):
                     for init in args.inits:
                         t0 = time.perf_counter()
-                        run = fit_case(case_dir, init, seed, run_dir, count, args)
+                        run = fit_case(inputs, init, seed, run_dir, count, args)
                         run.update(group=group, views=v)
                         case_runs.append(run)
                         last = run["history"][-1]
@@ -434,9 +428,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per["summary"] = {f"{g}/{i}": summarise([r for r in per["runs"] if r["group"] == g and r["init"] == i])
                           for g in GROUPS for i in args.inits}
         results["by_views"][str(v)] = per
-    route_case = cases[min(args.views, key=lambda v: abs(v - 80))]["ct"][0]  # 80 views, or the closest count
-    count = decoder_count(route_case, run_dir)
-    results["routes"] = time_routes(route_case, [count, 4 * count], args.views_per_step, args)
+    route_case = load_case_inputs(cases[min(args.views, key=lambda v: abs(v - 80))]["ct"][0])  # 80 views or closest
+    volume = fdk(route_case.projections, route_case.geometry)
+    count = init_from_decoder(volume, route_case.geometry, run_dir).num_gaussians
+    results["routes"] = time_routes(route_case, volume, [count, 4 * count], args.views_per_step, args)
     results["target"] = target_verdict(results)
     results["seconds"] = time.perf_counter() - started
 

@@ -250,9 +250,10 @@ def test_shapes_for_any_number_of_views_with_the_same_weights():
         assert torch.allclose(g.quats.norm(dim=-1), torch.ones(()))
 
 
-@pytest.mark.parametrize("options", ["plain", "groups_query_uplift"])
+@pytest.mark.parametrize("options", ["plain", "groups_query_uplift", "mean_pooled_start", "learned_start"])
 def test_permuting_the_views_leaves_the_output_unchanged(options):
-    model = small_model(OPTIONS[options]).eval()
+    starts = {"mean_pooled_start": dict(query_init_pooling="mean"), "learned_start": dict(query_init="learned")}
+    model = small_model(OPTIONS.get(options, starts.get(options))).eval()
     perturb(model)
     geo, k = cone(5, seed=3), 5
     projections = torch.rand(2, k, 32, 32)

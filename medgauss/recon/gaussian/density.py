@@ -161,7 +161,6 @@ def density_step(control: DensityControl, params: GaussianParameters, optimizer:
                  max_gaussians: int) -> DensityReport:
     """Clone / split the candidates and prune the rest of the rules, in place (see the module docstring)."""
     t = {k: v.detach() for k, v in params.tensors.items()}
-    n = params.count
     intens = params.intensities()
     scales = params.scales_scene()
     prune = (intens < control.min_intensity * params.frame.amplitude)
@@ -171,7 +170,7 @@ def density_step(control: DensityControl, params: GaussianParameters, optimizer:
     if bool(prune.all()):  # never remove the last Gaussian: keep the brightest
         prune[int(intens.argmax())] = False
     grad = stats.mean()
-    cand = (grad > control.grad_ratio * grad.mean()) & ~prune if n else grad.bool()
+    cand = (grad > control.grad_ratio * grad.mean()) & ~prune
     budget = max_gaussians - int((~prune).sum())
     order = torch.argsort(grad[cand], descending=True)
     chosen = torch.nonzero(cand).flatten()[order][:max(budget, 0)]

@@ -189,11 +189,9 @@ class GaussianReconstructor:
                  config: GaussianReconConfig | None = None, *, reference: Tensor | None = None,
                  data_range: float = 1.0) -> None:
         self.config = config or GaussianReconConfig()
-        projections, geometry = check_projections(projections, geometry)
+        projections, geometry = check_projections(projections, geometry)  # shape, dtype, NaN / inf
         if projections.shape[0] != 1:
             raise ValueError(f"projections must hold one case ([1, V, rows, cols]), got {tuple(projections.shape)}")
-        if not bool(torch.isfinite(projections).all()):
-            raise ValueError("projections contain NaN or inf values")
         if not isinstance(initial, Gaussians):
             raise ValueError(f"initial must be Gaussians, got {type(initial).__name__}")
         if initial.batch_size != 1 or initial.num_gaussians < 1:
