@@ -47,6 +47,7 @@ __all__ = [
     "crop_affine",
     "voxel_to_world",
     "world_to_voxel",
+    "resample_to_grid",
 ]
 
 AXCODES: tuple[str, str, str] = ("S", "A", "R")
@@ -251,3 +252,48 @@ def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     inv = np.linalg.inv(_as_affine(affine))
     pts = np.asarray(points, dtype=np.float64)
     return pts @ inv[:3, :3].T + inv[:3, 3]
+
+
+def resample_to_grid(volume, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int], *,
+                     mode: str = "bilinear", chunk: int = 16):
+    """Sample ``volume`` (a grid with voxel -> world ``affine``) at every voxel centre of another grid.
+
+    The way a result computed on a preprocessed grid (reoriented, resampled, cropped or padded) goes back onto a
+    user's image grid: target voxel ``v`` takes the value of ``volume`` at continuous index
+    ``inv(affine) @ target_affine @ v`` (``torch.nn.functional.grid_sample``, ``align_corners=True``), zero outside.
+
+    Args:
+        volume: ``[C, D, H, W]`` torch tensor (float; channels are resampled alike).
+        affine: ``[4, 4]`` voxel -> world mm of ``volume``.
+        target_affine, target_shape: ``[4, 4]`` voxel -> world mm and ``(n0, n1, n2)`` of the target grid (any axis
+            order: e.g. a NIfTI file's own array order and affine).
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        chunk: target slices (along its first axis) sampled at once (bounds memory).
+
+    Returns:
+        ``[C, *target_shape]`` float32 tensor on ``volume``'s device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(volume, torch.Tensor) or volume.ndim != 4:
+        raise ValueError(f"volume must be a [C, D, H, W] tensor, got {getattr(volume, 'shape', type(volume))}")
+    shape = tuple(int(n) for n in target_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"target_shape must be 3 positive ints, got {target_shape!r}")
+    mapping = np.linalg.inv(_as_affine(affine)) @ _as_affine(target_affine)  # target index -> source index
+    m = torch.as_tensor(mapping, dtype=torch.float64)
+    size = torch.tensor(volume.shape[1:], dtype=torch.float64)
+    src = volume.float()[None]
+    out = torch.zeros((volume.shape[0], *shape), dtype=torch.float32, device=volume.device)
+    axes = [torch.arange(n, dtype=torch.float64) for n in shape[1:]]
+    for start in range(0, shape[0], chunk):
+        first = torch.arange(start, min(start + chunk, shape[0]), dtype=torch.float64)
+        grid = torch.stack(torch.meshgrid(first, *axes, indexing="ij"), dim=-1)
+        index = grid @ m[:3, :3].T + m[:3, 3]  # source (d, h, w)
+        normalised = 2.0 * index / (size - 1).clamp(min=1.0) - 1.0
+        xyz = normalised.flip(-1).float().to(volume.device)[None]  # grid_sample wants (w, h, d) order
+        out[:, start:start + len(first)] = F.grid_sample(src, xyz, mode=mode, padding_mode="zeros",
+                                                         align_corners=True)[0]
+    return out
+

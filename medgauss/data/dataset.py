@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset
 
 from medgauss.data.sampling import SampleSchedule, ShardedSampleSampler, check_rank, distributed_rank
-from medgauss.data.transforms import DataError, pretrain_augment, pretrain_preprocess, sample_seed
+from medgauss.data.transforms import DataError, apply_pipeline, pretrain_augment, pretrain_preprocess, sample_seed
 from medgauss.data.volume_cache import CACHE_FORMAT, entry_exists, entry_name, read_entry, source_stat, write_entry
 
 __all__ = ["CACHE_MODES", "CachedVolumeDataset", "PretrainCropDataset", "build_pretrain_dataset", "heldout_crops"]
@@ -144,20 +144,7 @@ class CachedVolumeDataset(Dataset):
 
     def _load(self, index: int) -> dict:
         """Preprocess ``datalist[index]``; any failure becomes a :class:`DataError` naming the file."""
-        entry = self.datalist[index]
-        try:
-            return self.preprocess(dict(entry))
-        except DataError:
-            raise
-        except Exception as err:  # MONAI wraps failures in RuntimeError; surface the file and the root cause
-            root = err
-            while root.__cause__ is not None:
-                root = root.__cause__
-            if isinstance(root, DataError):
-                raise root from err
-            raise DataError(
-                f"preprocessing failed for image file {entry.get('image')}: {type(root).__name__}: {root}"
-            ) from err
+        return apply_pipeline(self.preprocess, self.datalist[index])
 
     def entry_path(self, index: int) -> Path:
         """Folder of ``datalist[index]``'s on-disk cache entry (``"disk"`` only; it may not exist yet)."""

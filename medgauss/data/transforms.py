@@ -60,6 +60,7 @@ __all__ = [
     "pretrain_preprocess",
     "pretrain_augment",
     "sample_seed",
+    "apply_pipeline",
 ]
 
 
@@ -109,6 +110,26 @@ class LoadVolumed(MapTransform):
                     f"{key} file {path} holds {int((~finite).sum())} non-finite voxel(s) (NaN or inf)"
                 )
         return d
+
+
+def apply_pipeline(pipeline, entry: Mapping[str, object]) -> dict:
+    """Run a MONAI pipeline on one datalist entry; any failure becomes a :class:`DataError` naming the file.
+
+    MONAI's ``Compose`` wraps a transform's exception in ``RuntimeError("applying transform ...")``; the root cause
+    is surfaced (a :class:`DataError` as it is, anything else as a ``DataError`` naming the entry's image file).
+    """
+    try:
+        return pipeline(dict(entry))
+    except DataError:
+        raise
+    except Exception as err:
+        root = err
+        while root.__cause__ is not None:
+            root = root.__cause__
+        if isinstance(root, DataError):
+            raise root from err
+        raise DataError(f"preprocessing failed for image file {entry.get('image')}: {type(root).__name__}: {root}"
+                        ) from err
 
 
 class RequireMinSized(MapTransform):

@@ -495,7 +495,7 @@ class TrainingEngine:
             step += 1
             step_loss = float(acc.reduce(loss_sum / self.grad_accum_steps, reduction="mean"))
             losses.append(step_loss)
-            lr = scheduler.get_last_lr()[0]
+            lr = max(scheduler.get_last_lr())  # the head's rate under layer-wise decay (the others are lower)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.5f}", lr=f"{lr:.2e}")
             if step % self.log_every == 0 or step == self.max_steps or step == 1:

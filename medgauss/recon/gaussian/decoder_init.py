@@ -21,128 +21,24 @@ import itertools
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import Tensor
 
 from medgauss.gaussians import Gaussians, gaussians_to_world
 from medgauss.geometry import CircularGeometry
 from medgauss.nets.gaussian_mae import GaussianMAE
-from medgauss.nets.pretrained import CONFIG_NAME, load_pretrained
+from medgauss.nets.pretrained import load_pretrained
+from medgauss.nets.pretrained_runs import PretrainingPreprocessing, model_dir, run_preprocessing
 
 __all__ = ["DecoderPreprocessing", "decoder_preprocessing", "load_decoder", "init_from_decoder"]
 
-RUN_CONFIG_NAME = "config.yaml"
-"""The resolved Hydra config a pretraining run writes into its run directory."""
-_MODEL_SUBDIR = "model"
-
-
-@dataclass(frozen=True)
-class DecoderPreprocessing:
-    """The intensity and spacing preprocessing a decoder was pretrained with (``data.dataset`` of its run).
-
-    Attributes:
-        pixdim: isotropic voxel size of the pretraining crops, mm.
-        a_min, a_max: HU window mapped linearly onto ``[b_min, b_max]`` (values outside clipped).
-        b_min, b_max: normalised intensity range of the crops the model saw (``[0, 1]`` by default).
-    """
-
-    pixdim: float
-    a_min: float
-    a_max: float
-    b_min: float = 0.0
-    b_max: float = 1.0
-
-    def __post_init__(self) -> None:
-        for name in ("pixdim", "a_min", "a_max", "b_min", "b_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if not self.pixdim > 0:
-            raise ValueError(f"pixdim must be a positive voxel size in mm, got {self.pixdim}")
-        if not self.a_min < self.a_max:
-            raise ValueError(f"HU window needs a_min < a_max, got a_min={self.a_min}, a_max={self.a_max}")
-        if not self.b_min < self.b_max:
-            raise ValueError(f"intensity range needs b_min < b_max, got b_min={self.b_min}, b_max={self.b_max}")
-
-
-def _find_run_config(checkpoint: Path) -> Path:
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
-    for folder in (checkpoint, checkpoint.parent):
-        path = folder / RUN_CONFIG_NAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"{RUN_CONFIG_NAME} not found in {checkpoint} or its parent {checkpoint.parent}: "
-                            "pass a pretraining run directory (recipes/medgmae_pretrain.py) or its model/ export")
-
-
-def _config_number(dataset: dict[str, Any], key: str, path: Path, default: float | None = None) -> Any:
-    if key not in dataset:
-        if default is None:
-            raise ValueError(f"{path} lacks data.dataset.{key}")
-        return default
-    value = dataset[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"data.dataset.{key} in {path} must be a number, got {value!r}")
-    return value
-
-
-def decoder_preprocessing(checkpoint: str | Path) -> DecoderPreprocessing:
-    """Read a decoder's pretraining preprocessing from its run's ``config.yaml``.
-
-    Args:
-        checkpoint: the pretraining run directory or its ``model/`` export; ``config.yaml`` is looked up in
-            this folder, then in its parent.
-
-    Returns:
-        The :class:`DecoderPreprocessing` of ``data.dataset.{pixdim, a_min, a_max, b_min, b_max}``.
-
-    Raises:
-        FileNotFoundError: the folder or its ``config.yaml`` does not exist (naming both places looked in).
-        ValueError: the file is not valid YAML, lacks a key, or holds an anisotropic or invalid value
-            (naming the file). A run pretrained with ``clip: false`` only warns: this initialiser clips.
-    """
-    path = _find_run_config(Path(checkpoint))
-    try:
-        config = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {path} is not valid YAML: {exc}") from exc
-    data = config.get("data") if isinstance(config, dict) else None
-    dataset = data.get("dataset") if isinstance(data, dict) else None
-    if not isinstance(dataset, dict):
-        raise ValueError(f"{path} has no data.dataset section (expected the resolved config of a pretraining run)")
-    pixdim = dataset.get("pixdim")
-    if isinstance(pixdim, list | tuple):
-        if len(pixdim) != 3 or len({float(p) for p in pixdim if isinstance(p, int | float)}) != 1:
-            raise ValueError(f"data.dataset.pixdim in {path} must be one isotropic voxel size, got {pixdim!r}")
-        dataset = {**dataset, "pixdim": pixdim[0]}
-    values = {key: _config_number(dataset, key, path) for key in ("pixdim", "a_min", "a_max")}
-    values.update({key: _config_number(dataset, key, path, default)
-                   for key, default in (("b_min", 0.0), ("b_max", 1.0))})
-    if dataset.get("clip", True) is False:
-        warnings.warn(f"{path} pretrained without clipping the HU window (data.dataset.clip: false); "
-                      "init_from_decoder clips to [a_min, a_max] anyway", stacklevel=2)
-    try:
-        return DecoderPreprocessing(**values)
-    except ValueError as exc:
-        raise ValueError(f"invalid preprocessing in {path}: {exc}") from exc
-
-
-def _model_dir(checkpoint: Path) -> Path:
-    if not checkpoint.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {checkpoint}")
-    for folder in (checkpoint, checkpoint / _MODEL_SUBDIR):
-        if (folder / CONFIG_NAME).is_file():
-            return folder
-    raise FileNotFoundError(f"no model export ({CONFIG_NAME} + model.safetensors) in {checkpoint} or "
-                            f"{checkpoint / _MODEL_SUBDIR}: is the pretraining run finished?")
+DecoderPreprocessing = PretrainingPreprocessing
+"""The preprocessing a decoder was pretrained with (the name this module has always used)."""
+decoder_preprocessing = run_preprocessing
+"""Read a decoder's pretraining preprocessing from its run's ``config.yaml`` (:func:`run_preprocessing`)."""
 
 
 def load_decoder(checkpoint: str | Path,
@@ -163,7 +59,7 @@ def load_decoder(checkpoint: str | Path,
             class), or its files are corrupt.
     """
     checkpoint = Path(checkpoint)
-    folder = _model_dir(checkpoint)
+    folder = model_dir(checkpoint)
     preprocessing = decoder_preprocessing(checkpoint)
     model = load_pretrained(folder, map_location=map_location)
     if not isinstance(model, GaussianMAE):
