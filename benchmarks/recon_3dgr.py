@@ -59,9 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,7 +69,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from medgauss.ct import fdk  # noqa: E402
@@ -87,15 +84,16 @@ from medgauss.recon.gaussian import (  # noqa: E402
 )
 from medgauss.recon.gaussian.decoder_init import init_from_decoder  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pretrained import pretrain, run_seconds  # noqa: E402  (benchmarks/_pretrained.py)
+
 RESULTS = ROOT / "benchmarks" / "results"
-RECIPE = ROOT / "recipes" / "medgmae_pretrain.py"
 INITS = ("fbp", "r2", "random", "volume_fit", "decoder")
 LABELS = {"fbp": "FBP points (3DGR-CT)", "r2": "FDK points (R2-Gaussian)", "random": "random",
           "volume_fit": "FDK volume fit (FaCT-GS)", "decoder": "MedGMAE decoder"}
 GROUPS = {"ct": "CT chest cube (superior, unseen)", "phantom": "phantoms (unseen seeds)"}
 VIEW_COUNTS = (20, 40, 80, 120, 160)
 PREPARE = {"fov_mm": 144.0, "grid": 64, "det_size": 64}
-DECODER_WINDOW = ("data.dataset.a_min=-1000", "data.dataset.a_max=1000")
 PSNR_TARGET, SSIM_TARGET = 35.0, 0.90
 RELATIVE_PSNR, RELATIVE_SSIM = 0.5, 0.01
 TARGET_RATIO = 1140 / 820  # the paper's 1.39x: 3DGR-CT vs MedGMAE* iterations to SSIM 0.90, 80 projections
@@ -113,33 +111,10 @@ PAPER_TABLE4 = {
 
 
 # ---------------------------------------------------------------------------------------------- decoder
-def run_seconds(run_dir: Path) -> float | None:
-    """Wall time of a pretraining run: its ``config.yaml`` (written at step 0) to its ``model/`` export."""
-    start, end = run_dir / "config.yaml", run_dir / "model" / "config.json"
-    if not (start.is_file() and end.is_file()):
-        return None
-    return end.stat().st_mtime - start.stat().st_mtime
-
-
 def pretrain_decoder(config_name: str, out: Path, threads: int) -> Path:
     """The run folder of ``recipes/medgmae_pretrain.py --config-name config_name`` with the [-1000, 1000] HU
-    window, made (or resumed) here unless it has finished already."""
-    run_dir = out / f"decoder_{config_name}"
-    if (run_dir / "model" / "config.json").is_file():
-        dataset = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["dataset"]
-        if (dataset["a_min"], dataset["a_max"]) != (-1000.0, 1000.0):
-            raise SystemExit(f"{run_dir} was pretrained with the HU window [{dataset['a_min']}, {dataset['a_max']}], "
-                             "not [-1000, 1000]: use another --out")
-        print(f"decoder: reusing the finished run {run_dir}", flush=True)
-        return run_dir
-    command = [sys.executable, str(RECIPE), "--config-name", config_name, f"trainer.run_dir={run_dir}",
-               *DECODER_WINDOW, "trainer.resume=auto", "trainer.progress=false"]
-    env = dict(os.environ)
-    if threads:
-        env.update(OMP_NUM_THREADS=str(threads), NUMBA_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    print("decoder: " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, env=env, cwd=ROOT)
-    return run_dir
+    window (:func:`benchmarks._pretrained.pretrain`), made (or resumed) here unless it has finished already."""
+    return pretrain(config_name, out / f"decoder_{config_name}", threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------- data

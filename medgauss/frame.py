@@ -47,6 +47,8 @@ __all__ = [
     "crop_affine",
     "voxel_to_world",
     "world_to_voxel",
+    "grid_coords",
+    "sample_at",
     "resample_to_grid",
 ]
 
@@ -254,46 +256,80 @@ def world_to_voxel(points: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return pts @ inv[:3, :3].T + inv[:3, 3]
 
 
+def grid_coords(source_affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int]):
+    """``[*target_shape, 3]`` float64 torch tensor: the continuous voxel index ``(d, h, w)`` in the source grid
+    (voxel -> world ``source_affine``) of every voxel centre of the target grid (``target_affine``,
+    ``target_shape``; any axis order)."""
+    import torch
+
+    mapping = np.linalg.inv(_as_affine(source_affine, "source_affine")) @ _as_affine(target_affine, "target_affine")
+    axes = [torch.arange(int(n), dtype=torch.float64) for n in target_shape]
+    index = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)
+    m = torch.from_numpy(mapping)
+    return index @ m[:3, :3].T + m[:3, 3]
+
+
+def sample_at(volume, coords, *, mode: str = "bilinear", pad_value: float = 0.0):
+    """Values of ``volume`` at continuous voxel coordinates (``torch.nn.functional.grid_sample``,
+    ``align_corners=True``: voxel ``i`` sits at index ``i``).
+
+    Args:
+        volume: ``[C, D, H, W]`` float torch tensor.
+        coords: ``[..., 3]`` voxel coordinates ``(d, h, w)`` in ``volume``'s grid.
+        mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        pad_value: the value outside the volume.
+
+    Returns:
+        ``[C, ...]`` in ``volume``'s dtype and device.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(volume, torch.Tensor) or volume.ndim != 4 or coords.shape[-1] != 3:
+        raise ValueError(f"volume must be [C, D, H, W] and coords [..., 3], got {tuple(getattr(volume, 'shape', ()))} "
+                         f"and {tuple(coords.shape)}")
+    if mode not in ("bilinear", "nearest"):
+        raise ValueError(f"mode must be 'bilinear' or 'nearest', got {mode!r}")
+    coords = coords.to(device=volume.device, dtype=torch.float64)
+    dims = torch.tensor(volume.shape[1:], dtype=torch.float64, device=volume.device)
+    normalised = 2.0 * coords / (dims - 1).clamp_min(1) - 1.0
+    grid = normalised.flip(-1).reshape(1, 1, 1, -1, 3).to(volume.dtype)  # grid_sample wants (w, h, d) order
+    out = F.grid_sample(volume[None] - pad_value, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    return out[0, :, 0, 0].reshape(volume.shape[0], *coords.shape[:-1]) + pad_value
+
+
 def resample_to_grid(volume, affine: np.ndarray, target_affine: np.ndarray, target_shape: Sequence[int], *,
-                     mode: str = "bilinear", chunk: int = 16):
+                     mode: str = "bilinear", pad_value: float = 0.0, chunk: int = 16):
     """Sample ``volume`` (a grid with voxel -> world ``affine``) at every voxel centre of another grid.
 
     The way a result computed on a preprocessed grid (reoriented, resampled, cropped or padded) goes back onto a
-    user's image grid: target voxel ``v`` takes the value of ``volume`` at continuous index
-    ``inv(affine) @ target_affine @ v`` (``torch.nn.functional.grid_sample``, ``align_corners=True``), zero outside.
+    user's image grid, or an image onto a model's grid: target voxel ``v`` takes the value of ``volume`` at
+    continuous index ``inv(affine) @ target_affine @ v`` (:func:`grid_coords`, :func:`sample_at`).
 
     Args:
-        volume: ``[C, D, H, W]`` torch tensor (float; channels are resampled alike).
+        volume: ``[C, D, H, W]`` float torch tensor (channels are resampled alike).
         affine: ``[4, 4]`` voxel -> world mm of ``volume``.
         target_affine, target_shape: ``[4, 4]`` voxel -> world mm and ``(n0, n1, n2)`` of the target grid (any axis
             order: e.g. a NIfTI file's own array order and affine).
         mode: ``"bilinear"`` (trilinear) or ``"nearest"``.
+        pad_value: the value outside ``volume``.
         chunk: target slices (along its first axis) sampled at once (bounds memory).
 
     Returns:
-        ``[C, *target_shape]`` float32 tensor on ``volume``'s device.
+        ``[C, *target_shape]`` in ``volume``'s dtype, on its device.
     """
     import torch
-    import torch.nn.functional as F
 
     if not isinstance(volume, torch.Tensor) or volume.ndim != 4:
         raise ValueError(f"volume must be a [C, D, H, W] tensor, got {getattr(volume, 'shape', type(volume))}")
     shape = tuple(int(n) for n in target_shape)
     if len(shape) != 3 or min(shape) < 1:
         raise ValueError(f"target_shape must be 3 positive ints, got {target_shape!r}")
-    mapping = np.linalg.inv(_as_affine(affine)) @ _as_affine(target_affine)  # target index -> source index
-    m = torch.as_tensor(mapping, dtype=torch.float64)
-    size = torch.tensor(volume.shape[1:], dtype=torch.float64)
-    src = volume.float()[None]
-    out = torch.zeros((volume.shape[0], *shape), dtype=torch.float32, device=volume.device)
-    axes = [torch.arange(n, dtype=torch.float64) for n in shape[1:]]
+    out = torch.empty((volume.shape[0], *shape), dtype=volume.dtype, device=volume.device)
+    step = np.eye(4)
     for start in range(0, shape[0], chunk):
-        first = torch.arange(start, min(start + chunk, shape[0]), dtype=torch.float64)
-        grid = torch.stack(torch.meshgrid(first, *axes, indexing="ij"), dim=-1)
-        index = grid @ m[:3, :3].T + m[:3, 3]  # source (d, h, w)
-        normalised = 2.0 * index / (size - 1).clamp(min=1.0) - 1.0
-        xyz = normalised.flip(-1).float().to(volume.device)[None]  # grid_sample wants (w, h, d) order
-        out[:, start:start + len(first)] = F.grid_sample(src, xyz, mode=mode, padding_mode="zeros",
-                                                         align_corners=True)[0]
+        stop = min(start + chunk, shape[0])
+        step[0, 3] = start  # the slab's first index, in the target grid
+        coords = grid_coords(affine, _as_affine(target_affine) @ step, (stop - start, *shape[1:]))
+        out[:, start:stop] = sample_at(volume, coords, mode=mode, pad_value=pad_value)
     return out
-

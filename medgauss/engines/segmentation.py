@@ -5,9 +5,10 @@
 - :func:`sliding_window_probabilities`: MONAI ``sliding_window_inference`` of a whole preprocessed volume (the one
   inference path, shared by validation and ``medgauss-segment``).
 - :class:`SegmentationValidator`: held-out volumes segmented whole, scored with MONAI ``DiceMetric`` per class and
-  as a mean over the foreground classes, beside the trivial baseline ``intensity``: each voxel labelled with the
-  class most frequent at its intensity in the labelled training crops (a histogram classifier, no spatial context,
-  fitted once). A model that does not beat it has learned nothing an intensity threshold would not give.
+  as a mean over the foreground classes (:func:`medgauss.metrics.dice_per_class`), beside the trivial baseline
+  ``intensity``: each voxel labelled with the class most frequent at its intensity in the labelled training crops
+  (a histogram classifier, no spatial context, fitted once). A model that does not beat it has learned nothing an
+  intensity threshold would not give.
 """
 
 from __future__ import annotations
@@ -26,17 +27,17 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
 from torch import Tensor, nn
 
 from medgauss.engines.panels import axial_display, save_figure
+from medgauss.metrics.overlap import dice_per_class
 
 __all__ = [
     "IntensityBaseline",
     "SegmentationReport",
     "SegmentationTask",
     "SegmentationValidator",
-    "dice_per_class",
+    "foreground_dice",
     "save_overlay_panel",
     "sliding_window_probabilities",
 ]
@@ -137,18 +138,10 @@ def sliding_window_probabilities(model: nn.Module, image: Tensor, roi_size: Sequ
     return torch.as_tensor(logits).float().softmax(1)
 
 
-def dice_per_class(prediction: Tensor, truth: Tensor, num_classes: int) -> list[float]:
-    """MONAI ``DiceMetric`` of each foreground class (``1..K-1``; NaN where the class is in neither volume).
-
-    Args:
-        prediction, truth: ``[D, H, W]`` (or ``[1, D, H, W]``) integer class maps.
-    """
-    pred, true = prediction.reshape(1, 1, *prediction.shape[-3:]), truth.reshape(1, 1, *truth.shape[-3:])
-    one_hot = lambda x: torch.nn.functional.one_hot(x[:, 0].long(), num_classes).permute(0, 4, 1, 2, 3).float()
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
-    scores = metric(one_hot(pred), one_hot(true))[0]
-    absent = [(int((true == k).sum()) == 0 and int((pred == k).sum()) == 0) for k in range(1, num_classes)]
-    return [math.nan if gone else float(s) for s, gone in zip(scores, absent)]
+def foreground_dice(prediction: Tensor, truth: Tensor, num_classes: int) -> list[float]:
+    """Dice of each foreground class ``1..K-1`` of one volume (:func:`medgauss.metrics.dice_per_class`, MONAI's
+    ``DiceMetric``; NaN where the class is in neither map)."""
+    return [float(v) for v in dice_per_class(prediction, truth, num_classes)[0, 1:]]
 
 
 class IntensityBaseline:
@@ -245,7 +238,7 @@ class SegmentationValidator:
         self.volumes, self.roi_size, self.class_names = list(volumes), tuple(roi_size), list(class_names)
         self.baseline, self.overlap, self.sw_batch_size = baseline, overlap, sw_batch_size
         k = len(self.class_names)
-        self._baseline_dice = [dice_per_class(baseline(v["image"][0]), v["label"][0], k) for v in self.volumes]
+        self._baseline_dice = [foreground_dice(baseline(v["image"][0]), v["label"][0], k) for v in self.volumes]
 
     def evaluate(self, model: nn.Module, *, final: bool = True) -> SegmentationReport:
         t0 = time.perf_counter()
@@ -255,7 +248,7 @@ class SegmentationValidator:
         for volume in self.volumes:
             probs = sliding_window_probabilities(model, volume["image"][None].to(device), self.roi_size,
                                                  overlap=self.overlap, sw_batch_size=self.sw_batch_size)
-            model_scores.append(dice_per_class(probs[0].argmax(0).cpu(), volume["label"][0], k))
+            model_scores.append(foreground_dice(probs[0].argmax(0).cpu(), volume["label"][0], k))
         names = self.class_names[1:]
 
         def mean_over_volumes(scores: list[list[float]]) -> dict[str, float]:

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.metrics import DiceMetric
 
 from medgauss.data import DataError
 from medgauss.data.labelled import (
@@ -18,8 +19,9 @@ from medgauss.data.labelled import (
     read_structures,
 )
 from medgauss.data.segmentation import SegmentationCropDataset, labelled_subset
-from medgauss.engines.segmentation import IntensityBaseline, dice_per_class
+from medgauss.engines.segmentation import IntensityBaseline, foreground_dice
 from medgauss.frame import resample_to_grid
+from medgauss.metrics import dice_per_class
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])  # RAS, 2 mm
 
@@ -159,16 +161,27 @@ def test_label_fraction_of_cases_with_many_cases():
         labelled_subset(30, 0.0, seed=0)
 
 
-def test_dice_matches_a_brute_force_count():
+def test_foreground_dice_skips_background_and_marks_absent_classes():
     rng = np.random.default_rng(0)
     truth = torch.as_tensor(rng.integers(0, 4, (6, 7, 8)))
     pred = torch.as_tensor(rng.integers(0, 3, (6, 7, 8)))  # never predicts class 3
-    scores = dice_per_class(pred, truth, 5)
+    scores = foreground_dice(pred, truth, 5)
     for k in (1, 2, 3):
         t, p = truth.numpy() == k, pred.numpy() == k
         assert scores[k - 1] == pytest.approx(2 * (t & p).sum() / (t.sum() + p.sum()))
     assert scores[2] == 0.0 and math.isnan(scores[3])  # class 3 missed; class 4 in neither map
-    assert dice_per_class(truth, truth, 5)[:3] == [1.0, 1.0, 1.0]
+    assert foreground_dice(truth, truth, 5)[:3] == [1.0, 1.0, 1.0]
+
+
+def test_dice_is_monai_dice_metric():
+    """medgauss.metrics.dice_per_class (exact counts) against MONAI's DiceMetric on one-hot maps."""
+    rng = np.random.default_rng(4)
+    pred = torch.as_tensor(rng.integers(0, 5, (2, 1, 7, 6, 5)))
+    truth = torch.as_tensor(rng.integers(0, 5, (2, 1, 7, 6, 5)))
+    one_hot = lambda x: torch.nn.functional.one_hot(x[:, 0], 5).permute(0, 4, 1, 2, 3).double()
+    reference = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(one_hot(pred),
+                                                                                             one_hot(truth))
+    torch.testing.assert_close(dice_per_class(pred, truth, 5), reference.double(), rtol=0, atol=1e-12)
 
 
 def test_intensity_baseline_is_a_histogram_classifier():
