@@ -132,26 +132,34 @@ def load_nifti(path: str | Path, *, dtype: np.dtype | type = np.float32) -> tupl
         raise ValueError(f"{path}: {exc}") from exc
 
 
-def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray) -> Path:
-    """Write a ``[D, H, W]`` volume in the medgauss frame with its affine, atomically (temp + rename).
+def save_nifti(path: str | Path, array: np.ndarray, affine: np.ndarray, *, vector: bool = False) -> Path:
+    """Write a volume with its affine, atomically (temp + rename).
 
     Args:
         path: output ``.nii`` / ``.nii.gz`` file (parent folders are created).
-        array: ``[D, H, W]`` volume (any numeric dtype nibabel stores).
-        affine: ``[4, 4]`` voxel-to-world RAS mm matrix of ``array``.
+        array: ``[D, H, W]`` volume (any numeric dtype nibabel stores), or ``[D, H, W, C]`` values per voxel
+            (class probabilities; with ``vector=True`` a displacement field, written ``[D, H, W, 1, C]`` with the
+            NIfTI vector intent, ITK's layout).
+        affine: ``[4, 4]`` voxel-to-world RAS mm matrix of the array's first three axes.
+        vector: write ``[D, H, W, C]`` as a NIfTI vector field (spatial units mm).
 
     Returns:
         ``path``.
     """
     path = Path(path)
     arr = np.asarray(array)
-    if arr.ndim != 3:
-        raise ValueError(f"array must be a 3-D volume [D, H, W], got shape {arr.shape}")
+    if arr.ndim != 3 and not (arr.ndim == 4 and arr.shape[3] >= 1):
+        raise ValueError(f"array must be a volume [D, H, W] or per-voxel values [D, H, W, C], got shape {arr.shape}")
+    if vector and arr.ndim != 4:
+        raise ValueError(f"vector=True needs a [D, H, W, C] field, got shape {arr.shape}")
     a = _as_affine(affine)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    img = nib.Nifti1Image(arr, a)
+    img = nib.Nifti1Image(arr[:, :, :, None, :] if vector else arr, a)
+    if vector:
+        img.header.set_intent("vector")
+        img.header.set_xyzt_units("mm")
     img.set_qform(a, code=1)
     img.set_sform(a, code=1)
     try:

@@ -46,6 +46,7 @@ from medgauss.data.transforms import (
     _source_name,
     apply_pipeline,
     check_region,
+    window_and_spacing,
 )
 from medgauss.frame import AXCODES
 
@@ -222,11 +223,7 @@ def labelled_preprocess(
         ``Compose`` -> ``{"image": [1, D, H, W] float32, "label": [1, D, H, W] int64 in 0..K-1, "affine": [4, 4]
         float64}`` (axes as in :mod:`medgauss.frame`; the affine maps voxel indices to world RAS mm).
     """
-    if not a_min < a_max:
-        raise ValueError(f"HU window needs a_min < a_max, got a_min={a_min}, a_max={a_max}")
-    pix = (float(pixdim),) * 3 if isinstance(pixdim, int | float) else tuple(float(p) for p in pixdim)
-    if len(pix) != 3 or min(pix) <= 0:
-        raise ValueError(f"pixdim must be a positive float or 3 positive floats, got {pixdim!r}")
+    pix = window_and_spacing(a_min, a_max, pixdim)
     keys = ["image", "label"]
     return Compose(
         [
@@ -252,11 +249,7 @@ def image_preprocess(*, pixdim: float | Sequence[float] = 1.5, a_min: float = -1
     Returns:
         ``Compose`` -> ``{"image": [1, D, H, W] float32 MetaTensor, "affine": [4, 4] float64}`` (voxel -> world mm).
     """
-    if not a_min < a_max:
-        raise ValueError(f"HU window needs a_min < a_max, got a_min={a_min}, a_max={a_max}")
-    pix = (float(pixdim),) * 3 if isinstance(pixdim, int | float) else tuple(float(p) for p in pixdim)
-    if len(pix) != 3 or min(pix) <= 0:
-        raise ValueError(f"pixdim must be a positive float or 3 positive floats, got {pixdim!r}")
+    pix = window_and_spacing(a_min, a_max, pixdim)
     return Compose(
         [
             LoadVolumed(["image"]),

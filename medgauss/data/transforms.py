@@ -61,6 +61,7 @@ __all__ = [
     "pretrain_augment",
     "sample_seed",
     "apply_pipeline",
+    "window_and_spacing",
 ]
 
 
@@ -110,6 +111,20 @@ class LoadVolumed(MapTransform):
                     f"{key} file {path} holds {int((~finite).sum())} non-finite voxel(s) (NaN or inf)"
                 )
         return d
+
+
+def window_and_spacing(a_min: float, a_max: float, pixdim: float | Sequence[float]) -> tuple[float, float, float]:
+    """Check a HU window and a voxel spacing; returns the spacing as 3 floats (mm).
+
+    Raises:
+        ValueError: ``a_min >= a_max``, or a spacing that is not one or three positive numbers.
+    """
+    if not a_min < a_max:
+        raise ValueError(f"HU window needs a_min < a_max, got a_min={a_min}, a_max={a_max}")
+    pix = (float(pixdim),) * 3 if isinstance(pixdim, int | float) else tuple(float(p) for p in pixdim)
+    if len(pix) != 3 or min(pix) <= 0:
+        raise ValueError(f"pixdim must be a positive float or 3 positive floats, got {pixdim!r}")
+    return pix
 
 
 def apply_pipeline(pipeline, entry: Mapping[str, object]) -> dict:
@@ -334,12 +349,8 @@ def pretrain_preprocess(
         "affine": [4, 4] float64, "fg_indices": [P] int64, "bg_indices": [Q] int64}`` (see
         :class:`CropCentreIndicesd`; axes as in :mod:`medgauss.frame`).
     """
-    if not a_min < a_max:
-        raise ValueError(f"HU window needs a_min < a_max, got a_min={a_min}, a_max={a_max}")
+    pix = window_and_spacing(a_min, a_max, pixdim)
     size = _as_triple(spatial_size, "spatial_size")
-    pix = (float(pixdim),) * 3 if isinstance(pixdim, (int, float)) else tuple(float(p) for p in pixdim)
-    if len(pix) != 3 or min(pix) <= 0:
-        raise ValueError(f"pixdim must be a positive float or 3 positive floats, got {pixdim!r}")
     keys = ["image", "label"] if has_labels else ["image"]
     modes = ("bilinear", "nearest") if has_labels else ("bilinear",)
     return Compose(

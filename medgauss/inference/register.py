@@ -26,9 +26,7 @@ fields are in LPS: negate the first two components to use it there.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -120,24 +118,6 @@ def _native_orientation(array: np.ndarray, native_affine: np.ndarray, native_sha
     return np.ascontiguousarray(out)
 
 
-def _save_ddf(path: Path, ddf: np.ndarray, affine: np.ndarray) -> Path:
-    """Write ``ddf [X, Y, Z, 3]`` as a 5-D vector NIfTI ``[X, Y, Z, 1, 3]`` atomically (temp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(ddf[:, :, :, None, :].astype(np.float32), affine)
-    img.header.set_intent("vector")
-    img.header.set_xyzt_units("mm")
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp{suffix}")
-    try:
-        nib.save(img, str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def _native_grid(path: Path) -> tuple[np.ndarray, tuple[int, int, int]]:
     """The file's own affine and 3-D shape (header only)."""
     img = nib.load(str(path))
@@ -203,7 +183,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
             save_nifti(args.out_warped_label, _native_orientation(warped_label.numpy().astype(dtype), native_affine,
                                                                   native_shape), native_affine)
         ddf_last = ddf_world.permute(1, 2, 3, 0).numpy()  # [D, H, W, 3] (x, y, z) mm
-        _save_ddf(Path(args.out_ddf), _native_orientation(ddf_last, native_affine, native_shape), native_affine)
+        save_nifti(args.out_ddf, _native_orientation(ddf_last, native_affine, native_shape).astype(np.float32),
+                   native_affine, vector=True)
     except (FileNotFoundError, DataError, ValueError) as exc:
         print(f"medgauss-register: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc

@@ -113,19 +113,9 @@ def segment_file(model: torch.nn.Module, preprocessing: dict, class_names: Seque
     labels = on_image.argmax(0).numpy().astype(np.uint8 if len(class_names) < 256 else np.int16)
     out = save_nifti(out, labels, target_affine)
     if probabilities is not None:
-        _save_4d(Path(probabilities), on_image.permute(1, 2, 3, 0).numpy(), target_affine)
+        save_nifti(probabilities, on_image.permute(1, 2, 3, 0).numpy().astype(np.float32), target_affine)
     voxels = {name: int((labels == k).sum()) for k, name in enumerate(class_names)}
     return SegmentationResult(out, list(class_names), voxels, time.perf_counter() - t0)
-
-
-def _save_4d(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(array.astype(np.float32), affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(img, str(tmp))
-    tmp.replace(path)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,3 +39,72 @@ def pretraining_run(tmp_path):
         return write_pretraining_run(tmp_path / name, **kwargs)
 
     return make
+
+
+# ------------------------------------------------------------------------------------------ recipe helpers
+ROOT = Path(__file__).resolve().parents[2]
+CONF = ROOT / "recipes" / "conf_finetune"
+
+
+def load_recipe(task: str):
+    """``recipes/finetune_<task>.py`` as a module (recipes are scripts, not package modules)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"finetune_{task}_recipe", ROOT / "recipes" / f"finetune_{task}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compose_config(name: str, overrides=()):
+    """The Hydra config ``recipes/conf_finetune/<name>.yaml`` with ``overrides``."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def fresh_accelerate() -> None:
+    """Reset Accelerate's process-wide state between two recipe runs in one test."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+class Interrupted(Exception):
+    """Raised by a task to simulate a run killed mid-training."""
+
+
+def assert_resumes_exactly(task: str, task_class: str, config: str, common, straight, straight_dir: Path,
+                           run_dir: Path, monkeypatch, *, stop_after: int = 3, checkpoint: str = "step_00000002"):
+    """Run ``task``'s recipe with ``common`` overrides into ``run_dir``, kill it after ``stop_after`` steps (the
+    recipe's ``task_class`` raises), resume from ``checkpoint``, and check the losses and the exported weights equal
+    the uninterrupted run's (``straight`` = its TrainResult, exported in ``straight_dir``)."""
+    from medgauss.engines import CheckpointManager
+    from medgauss.nets import load_pretrained
+
+    recipe = load_recipe(task)
+    base = getattr(recipe, task_class)
+    calls = {"left": stop_after}
+
+    class StopAfter(base):
+        def compute_loss(self, model, batch, device):
+            calls["left"] -= 1
+            if calls["left"] < 0:
+                raise Interrupted
+            return super().compute_loss(model, batch, device)
+
+    fresh_accelerate()
+    with monkeypatch.context() as patch:
+        patch.setattr(recipe, task_class, StopAfter)
+        with pytest.raises(Interrupted):
+            recipe.run(compose_config(config, [*common, f"trainer.run_dir={run_dir}"]))
+    assert CheckpointManager(run_dir).latest().name == checkpoint
+    fresh_accelerate()
+    resumed = recipe.run(compose_config(config, [*common, f"trainer.run_dir={run_dir}", "trainer.resume=latest"]))
+    assert resumed.resumed_from.name == checkpoint
+    assert resumed.losses == straight.losses
+    a, b = (load_pretrained(folder / "model").state_dict() for folder in (straight_dir, run_dir))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    return resumed

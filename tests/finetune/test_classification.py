@@ -5,7 +5,6 @@ exact resume, and the errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,8 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from accelerate.state import AcceleratorState, GradientState
-from hydra import compose, initialize_config_dir
 
 from medgauss.data.classification import (
     ImageTargetDataset,
@@ -25,7 +22,7 @@ from medgauss.data.classification import (
     prevalence,
 )
 from medgauss.data.transforms import DataError
-from medgauss.engines import CheckpointManager, build_optimizer
+from medgauss.engines import build_optimizer
 from medgauss.engines.classification import (
     ClassificationTask,
     ClassificationValidator,
@@ -37,9 +34,9 @@ from medgauss.metrics.classification import multilabel_auc
 from medgauss.nets import ViT3D, create_model, load_pretrained
 from medgauss.nets.classification import ViTClassifier, classifier_from_encoder
 from tests._accelerate_state import fresh_accelerate_state  # noqa: F401  (autouse fixture)
+from tests.finetune.conftest import assert_resumes_exactly, compose_config, fresh_accelerate, load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "recipes" / "conf_finetune"
 TINY = dict(img_size=16, patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64)
 TINY_OVERRIDES = [f"encoder.{k}={v}" for k, v in TINY.items()] + ["encoder.in_channels=1"]
 SMALL = [*TINY_OVERRIDES, "data.min_voxels=200", "data.num_train_crops=24", "data.val.num_crops=24",
@@ -275,29 +272,11 @@ def test_histogram_baseline_prior_and_linear_probe_against_independent_computati
 
 # ------------------------------------------------------------------------------------------------ recipe
 def _compose(overrides=(), name="classification"):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_classification_recipe",
-                                                  REPO / "recipes" / "finetune_classification.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _fresh_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-class Interrupted(Exception):
-    pass
+    return compose_config(name, overrides)
 
 
 def test_recipe_finetunes_resumes_exactly_and_probes_a_pretrained_run(tmp_path, monkeypatch):
-    recipe = _recipe()
+    recipe = load_recipe("classification")
     common = [*SMALL, "trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.keep_checkpoints=0",
               "trainer.val_every=2"]
     straight = recipe.run(_compose([*common, f"trainer.run_dir={tmp_path / 'a'}"]))
@@ -307,26 +286,8 @@ def test_recipe_finetunes_resumes_exactly_and_probes_a_pretrained_run(tmp_path, 
     assert lines[-1]["metrics"]["prior"]["auc_macro"] == 0.5
     assert isinstance(load_pretrained(tmp_path / "a" / "model"), ViTClassifier)
 
-    class StopAfter(recipe.ClassificationTask):
-        calls_left = 3
-
-        def compute_loss(self, model, batch, device):
-            StopAfter.calls_left -= 1
-            if StopAfter.calls_left < 0:
-                raise Interrupted
-            return super().compute_loss(model, batch, device)
-
-    _fresh_accelerate()
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "ClassificationTask", StopAfter)
-        with pytest.raises(Interrupted):
-            recipe.run(_compose([*common, f"trainer.run_dir={tmp_path / 'b'}"]))
-    assert CheckpointManager(tmp_path / "b").latest().name == "step_00000002"
-    _fresh_accelerate()
-    resumed = recipe.run(_compose([*common, f"trainer.run_dir={tmp_path / 'b'}", "trainer.resume=latest"]))
-    assert resumed.resumed_from.name == "step_00000002" and resumed.losses == straight.losses
-    a, b = (load_pretrained(tmp_path / r / "model").state_dict() for r in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly("classification", "ClassificationTask", "classification", common, straight,
+                           tmp_path / "a", tmp_path / "b", monkeypatch)
     metrics = lambda run: [json.loads(x)["metrics"] for x in (tmp_path / run / "validation.jsonl").read_text()
                            .splitlines()]
     assert metrics("a") == metrics("b")
@@ -339,7 +300,7 @@ def test_recipe_finetunes_resumes_exactly_and_probes_a_pretrained_run(tmp_path, 
     ds = dict(pixdim=1.5, a_min=-1000, a_max=1000, b_min=0.0, b_max=1.0, clip=True, spatial_size=16)
     (run / "config.yaml").write_text(yaml.safe_dump({"model": {"img_size": 16}, "data": {"dataset": ds}}))
     pretrained.save_pretrained(run / "model")
-    _fresh_accelerate()
+    fresh_accelerate()
     probe = recipe.run(_compose([*SMALL, "mode=linear_probe", f"pretrained.checkpoint={run}",
                                  f"trainer.run_dir={tmp_path / 'probe'}"]))
     lines = (tmp_path / "probe" / "validation.jsonl").read_text().splitlines()
@@ -350,11 +311,11 @@ def test_recipe_finetunes_resumes_exactly_and_probes_a_pretrained_run(tmp_path, 
     assert np.array(coefficients["coef"]).shape == (6, TINY["hidden_size"])
     assert not (tmp_path / "probe" / "checkpoints").exists()
     # a checkpoint of another architecture than the config asks for
-    _fresh_accelerate()
+    fresh_accelerate()
     with pytest.raises(ValueError, match="hidden_size"):
         recipe.run(_compose([*SMALL, "mode=linear_probe", f"pretrained.checkpoint={run}", "encoder.hidden_size=48",
                              f"trainer.run_dir={tmp_path / 'bad'}"]))
-    _fresh_accelerate()
+    fresh_accelerate()
     with pytest.raises(ValueError, match="mode must be"):
         recipe.run(_compose([*SMALL, "mode=train", f"trainer.run_dir={tmp_path / 'bad'}"]))
 

@@ -4,7 +4,6 @@ on the fixed file's own grid, a zero-displacement model reproduces the moving im
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -13,34 +12,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from medgauss.engines import CheckpointManager
 from medgauss.inference.register import cli as register_cli
 from medgauss.nets import load_pretrained
 from medgauss.nets.registration import ViTRegistrationNet
 from tests._accelerate_state import fresh_accelerate_state  # noqa: F401  (autouse fixture)
+from tests.finetune.conftest import assert_resumes_exactly, compose_config, fresh_accelerate, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "finetune_registration.py"
-CONF = ROOT / "recipes" / "conf_finetune"
 RAS = np.diag([1.5, 1.5, 1.5, 1.0])  # a RAS-ordered file (not the medgauss frame's S, A, R order)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_registration_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _compose(overrides):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="registration", overrides=list(overrides))
 
 
 def _blob_volume(rng, shape, centre):
@@ -77,19 +57,12 @@ def _common(tmp_path):
             "trainer.progress=false", "trainer.tensorboard=false", "optim.warmup_steps=1"]
 
 
-def _fresh():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reg")
-    _fresh()
+    fresh_accelerate()
     common = _common(tmp)
-    result = _recipe().run(_compose([*common, f"trainer.run_dir={tmp / 'a'}"]))
+    result = load_recipe("registration").run(compose_config("registration", [*common, f"trainer.run_dir={tmp / 'a'}"]))
     return tmp, common, result
 
 
@@ -114,29 +87,8 @@ def test_the_recipe_trains_validates_and_exports(trained):
 
 def test_an_interrupted_run_resumes_with_bitwise_equal_losses(trained, monkeypatch):
     tmp, common, straight = trained
-    recipe = _recipe()
-
-    class StopAfter(recipe.RegistrationTask):
-        calls_left = 3
-
-        def compute_loss(self, model, batch, device):
-            StopAfter.calls_left -= 1
-            if StopAfter.calls_left < 0:
-                raise Interrupted
-            return super().compute_loss(model, batch, device)
-
-    _fresh()
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "RegistrationTask", StopAfter)
-        with pytest.raises(Interrupted):
-            recipe.run(_compose([*common, f"trainer.run_dir={tmp / 'b'}"]))
-    assert CheckpointManager(tmp / "b").latest().name == "step_00000002"
-    _fresh()
-    resumed = recipe.run(_compose([*common, f"trainer.run_dir={tmp / 'b'}", "trainer.resume=latest"]))
-    assert resumed.resumed_from.name == "step_00000002"
-    assert resumed.losses == straight.losses
-    a, b = (load_pretrained(tmp / r / "model").state_dict() for r in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly("registration", "RegistrationTask", "registration", common, straight, tmp / "a",
+                           tmp / "b", monkeypatch)
 
 
 def test_a_pair_list_with_a_missing_file_fails_naming_it(tmp_path):
@@ -144,10 +96,10 @@ def test_a_pair_list_with_a_missing_file_fails_naming_it(tmp_path):
     entries = json.loads((tmp_path / "pairs.json").read_text())
     entries[1]["moving"] = "gone.nii.gz"
     (tmp_path / "bad.json").write_text(json.dumps(entries))
-    _fresh()
+    fresh_accelerate()
     with pytest.raises(FileNotFoundError, match=r"entry 1: moving file not found: .*gone\.nii\.gz"):
-        _recipe().run(_compose([*common, f"data.train.pairs={tmp_path / 'bad.json'}",
-                                f"trainer.run_dir={tmp_path / 'run'}"]))
+        load_recipe("registration").run(compose_config("registration", [
+            *common, f"data.train.pairs={tmp_path / 'bad.json'}", f"trainer.run_dir={tmp_path / 'run'}"]))
 
 
 def _register(run, tmp, *extra):

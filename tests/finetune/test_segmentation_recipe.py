@@ -4,7 +4,6 @@ grid, and maps them there correctly (a model that segments by intensity reproduc
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -14,41 +13,26 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
 
-from medgauss.engines import CheckpointManager
 from medgauss.inference.segment import main as segment_main
 from medgauss.nets import load_pretrained
 from medgauss.nets.unetr import PretrainedUNETR
 from tests._accelerate_state import fresh_accelerate_state  # noqa: F401  (autouse fixture)
-from tests.finetune.conftest import TINY_ENCODER, write_pretraining_run
+from tests.finetune.conftest import (
+    TINY_ENCODER,
+    assert_resumes_exactly,
+    compose_config,
+    fresh_accelerate,
+    load_recipe,
+    write_pretraining_run,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-RECIPE = ROOT / "recipes" / "finetune_segmentation.py"
-CONF = ROOT / "recipes" / "conf_finetune"
 
 
-class Interrupted(Exception):
-    pass
-
-
-def _recipe():
-    spec = importlib.util.spec_from_file_location("finetune_segmentation_recipe", RECIPE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _compose(overrides, name="segmentation"):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
-
-
-def _fresh():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def run_segmentation(overrides):
+    fresh_accelerate()
+    return load_recipe("segmentation").run(compose_config("segmentation", overrides))
 
 
 def _common(tmp):
@@ -65,8 +49,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
     pretrained = write_pretraining_run(tmp / "pretrain", pixdim=6.0)
     common = [*_common(tmp), f"pretrained.checkpoint={pretrained}"]
-    _fresh()
-    result = _recipe().run(_compose([*common, f"trainer.run_dir={tmp / 'a'}"]))
+    result = run_segmentation([*common, f"trainer.run_dir={tmp / 'a'}"])
     return tmp, common, result
 
 
@@ -89,49 +72,24 @@ def test_the_recipe_trains_validates_and_exports(trained):
 
 def test_an_interrupted_run_resumes_with_bitwise_equal_losses(trained, monkeypatch):
     tmp, common, straight = trained
-    recipe = _recipe()
-
-    class StopAfter(recipe.SegmentationTask):
-        calls_left = 3
-
-        def compute_loss(self, model, batch, device):
-            StopAfter.calls_left -= 1
-            if StopAfter.calls_left < 0:
-                raise Interrupted
-            return super().compute_loss(model, batch, device)
-
-    _fresh()
-    with monkeypatch.context() as patch:
-        patch.setattr(recipe, "SegmentationTask", StopAfter)
-        with pytest.raises(Interrupted):
-            recipe.run(_compose([*common, f"trainer.run_dir={tmp / 'b'}"]))
-    assert CheckpointManager(tmp / "b").latest().name == "step_00000002"
-    _fresh()
-    resumed = recipe.run(_compose([*common, f"trainer.run_dir={tmp / 'b'}", "trainer.resume=latest"]))
-    assert resumed.resumed_from.name == "step_00000002"
-    assert resumed.losses == straight.losses
-    a, b = (load_pretrained(tmp / r / "model").state_dict() for r in ("a", "b"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resumes_exactly("segmentation", "SegmentationTask", "segmentation", common, straight, tmp / "a", tmp / "b",
+                           monkeypatch)
 
 
 def test_from_scratch_and_wrong_checkpoints(tmp_path):
-    _fresh()
-    result = _recipe().run(_compose([*_common(tmp_path), "trainer.max_steps=1", "trainer.val_every=0",
-                                     "data.preprocessing.pixdim=6.0", f"trainer.run_dir={tmp_path / 'scratch'}"]))
+    result = run_segmentation([*_common(tmp_path), "trainer.max_steps=1", "trainer.val_every=0",
+                               "data.preprocessing.pixdim=6.0", f"trainer.run_dir={tmp_path / 'scratch'}"])
     assert len(result.losses) == 1 and result.validation is not None
     other = write_pretraining_run(tmp_path / "wide", pixdim=6.0, hidden_size=48)
-    _fresh()
     with pytest.raises(ValueError, match="hidden_size"):
-        _recipe().run(_compose([*_common(tmp_path), f"pretrained.checkpoint={other}",
-                                f"trainer.run_dir={tmp_path / 'wrong'}"]))
-    _fresh()
+        run_segmentation([*_common(tmp_path), f"pretrained.checkpoint={other}", f"trainer.run_dir={tmp_path / 'x'}"])
     with pytest.raises(ValueError, match="swinunetr is the from-scratch reference"):
-        _recipe().run(_compose([*_common(tmp_path), "model.arch=swinunetr", f"pretrained.checkpoint={other}",
-                                f"trainer.run_dir={tmp_path / 'swin'}"]))
+        run_segmentation([*_common(tmp_path), "model.arch=swinunetr", f"pretrained.checkpoint={other}",
+                          f"trainer.run_dir={tmp_path / 'swin'}"])
 
 
 def test_paper_config_is_monai_unetr_on_vit_b():
-    cfg = _compose(["data.datalist.path=/data/amos.json", "data.num_classes=16"], name="segmentation_paper")
+    cfg = compose_config("segmentation_paper", ["data.datalist.path=/data/amos.json", "data.num_classes=16"])
     assert dict(cfg.encoder) == {"img_size": 96, "patch_size": 16, "in_channels": 1, "hidden_size": 768,
                                  "num_layers": 12, "num_heads": 12, "mlp_dim": 3072}
     assert cfg.model.feature_size == 16 and cfg.data.datalist.key == "training"
