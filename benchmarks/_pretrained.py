@@ -28,7 +28,8 @@ def run_seconds(run_dir: Path) -> float | None:
 
 
 def heldout_quality(run_dir: Path) -> dict | None:
-    """The run's last held-out validation: masked PSNR of the model, the fill and the constant (dB)."""
+    """The run's last held-out validation: masked PSNR of the model, the fill and the constant (dB), and the
+    engine's training seconds up to it (``train_seconds``: optimisation only, no validation)."""
     path = run_dir / "validation.jsonl"
     if not path.is_file():
         return None
@@ -36,7 +37,8 @@ def heldout_quality(run_dir: Path) -> dict | None:
     if not lines:
         return None
     last = json.loads(lines[-1])
-    return {"step": last["step"], **{name: m["psnr"] for name, m in last["metrics"].items()}}
+    return {"step": last["step"], "train_seconds": last.get("train_seconds"),
+            **{name: m["psnr"] for name, m in last["metrics"].items()}}
 
 
 def pretrain(config_name: str, run_dir: Path, overrides: Sequence[str] = (), threads: int = 0) -> Path:

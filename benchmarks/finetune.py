@@ -94,9 +94,9 @@ def job_list(args: argparse.Namespace) -> list[dict[str, Any]]:
             settings = [("finetune", ["mode=finetune"]), ("linear_probe", ["mode=linear_probe"])]
         else:
             settings = [("default", [])]
-        for init in args.inits:
-            for name, overrides in settings:
-                for seed in args.seeds:
+        for name, overrides in settings:  # seed-major: a partial run still has whole seeds of every row
+            for seed in args.seeds:
+                for init in args.inits:
                     jobs.append({"task": task, "init": init, "setting": name, "seed": seed,
                                  "overrides": overrides, "run_dir": args.out / task / init / name / f"seed{seed}"})
     return jobs
@@ -179,7 +179,9 @@ def print_tables(results: dict[str, Any]) -> None:
     print("\nPretraining runs (recipes/medgmae_pretrain.py --config-name medgmae_cpu_30min, HU [-1000, 1000]):")
     for name, info in results["pretrained"].items():
         quality = info.get("heldout") or {}
-        minutes = "unknown" if info.get("minutes") is None else f"{info['minutes']:.1f} min"
+        minutes = "unfinished" if info.get("minutes") is None else f"{info['minutes']:.1f} min wall"
+        train = quality.get("train_seconds")
+        minutes += "" if train is None else f", {train / 60:.1f} min of training steps"
         print(f"  {LABELS[name]:<10} {info['run_dir']}: {minutes}; held-out masked PSNR "
               f"{quality.get('model', math.nan):.2f} dB vs fill {quality.get('fill', math.nan):.2f} dB "
               f"(step {quality.get('step')})")
@@ -263,6 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    help=f"segmentation at {QUICK_FRACTIONS} of the labels only (the recipes' budgets, every seed)")
     p.add_argument("--output", type=Path, default=None)
     p.add_argument("--tables", type=Path, default=None, help="print the tables of a results JSON, run nothing")
+    p.add_argument("--collect", action="store_true",
+                   help="no new runs and no pretraining: table the finished runs under --out (the rest are listed)")
     if "--quick" in (sys.argv[1:] if argv is None else argv):  # new defaults; flags given explicitly still win
         p.set_defaults(fractions=list(QUICK_FRACTIONS))
     args = p.parse_args(argv)
@@ -275,16 +279,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     checkpoints: dict[str, Path | None] = {"scratch": None}
     pretrained: dict[str, Any] = {}
     for name in [i for i in args.inits if i != "scratch"]:
-        run_dir = pretrain(PRETRAIN_CONFIG, args.pretrained_root / f"{name}_cpu_30min", PRETRAINED[name][1],
-                           args.pretrain_threads)
+        run_dir = args.pretrained_root / f"{name}_cpu_30min"
+        if not args.collect:
+            pretrain(PRETRAIN_CONFIG, run_dir, PRETRAINED[name][1], args.pretrain_threads)
         checkpoints[name] = run_dir
         seconds = run_seconds(run_dir)
         pretrained[name] = {"run_dir": str(run_dir), "minutes": None if seconds is None else seconds / 60,
                             "heldout": heldout_quality(run_dir)}
     jobs = job_list(args)
-    print(f"{len(jobs)} fine-tuning runs, {args.workers} at a time", flush=True)
-    with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        runs = list(pool.map(lambda job: run_job(job, checkpoints, args), jobs))
+    if args.collect:
+        done = [job for job in jobs if (job["run_dir"] / "benchmark_done.json").is_file()]
+        missing = [job for job in jobs if job not in done]
+        runs = [{**job, **json.loads((job["run_dir"] / "benchmark_done.json").read_text())} for job in done]
+        print(f"{len(done)} of {len(jobs)} fine-tuning runs finished; not run: " + (", ".join(
+            f"{j['task']}/{j['init']}/{j['setting']}/seed{j['seed']}" for j in missing) or "none"), flush=True)
+    else:
+        print(f"{len(jobs)} fine-tuning runs, {args.workers} at a time", flush=True)
+        with ThreadPoolExecutor(max_workers=args.workers) as pool:
+            runs = list(pool.map(lambda job: run_job(job, checkpoints, args), jobs))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = {"settings": settings, "pretrained": pretrained,
                "runs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in r.items()} for r in runs],
