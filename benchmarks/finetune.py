@@ -153,13 +153,15 @@ def _cell(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
 
 
 def verdict(pre: list[float], scratch: list[float]) -> str:
-    """``pretrained - scratch`` with the verdict of a two-standard-error rule over the seeds."""
+    """``pretrained - scratch`` with the verdict of a two-standard-error rule over the seeds (none from one seed)."""
     (mp, sp), (ms, ss) = _stats(pre), _stats(scratch)
     if math.isnan(mp) or math.isnan(ms):
         return "n/a"
     n_p, n_s = len(pre), len(scratch)
-    se = math.sqrt(sp**2 / max(n_p, 1) + ss**2 / max(n_s, 1))
     delta = mp - ms
+    if min(n_p, n_s) < 2:
+        return f"{delta:+.3f} (one seed: no verdict)"
+    se = math.sqrt(sp**2 / n_p + ss**2 / n_s)
     word = "helps" if delta > 2 * se else ("hurts" if delta < -2 * se else "no clear difference")
     return f"{delta:+.3f} ({word}, 2 SE = {2 * se:.3f})"
 
