@@ -39,7 +39,6 @@ from medgauss.data.registration import PairListDataset, synthetic_registration_p
 from medgauss.engines import TrainingEngine, TrainResult, build_optimizer  # noqa: E402
 from medgauss.engines.finetune import build_encoder, resolve_preprocessing  # noqa: E402
 from medgauss.engines.registration import RegistrationTask, RegistrationValidator  # noqa: E402
-from medgauss.nets.pretrained_runs import run_preprocessing  # noqa: E402
 from medgauss.nets.registration import ViTRegistrationNet, registration_net_from_encoder  # noqa: E402
 
 DATA_KINDS = ("synthetic", "pairs")
@@ -61,13 +60,13 @@ def build_model(checkpoint: str | None, encoder: dict[str, Any] | None, decoder:
     return ViTRegistrationNet(**config, **decoder), None
 
 
-def build_data(data: dict[str, Any], img_size: Sequence[int], preprocessing: Any
-               ) -> tuple[Any, RegistrationValidator | None]:
-    """``(training dataset, validator or None)`` from the ``data`` config group (module doc of the configs)."""
+def build_data(data: dict[str, Any], img_size: Sequence[int]) -> tuple[Any, RegistrationValidator | None]:
+    """``(training dataset, validator or None)`` from the ``data`` config group (module doc of the configs), whose
+    ``preprocessing`` is already resolved (:func:`medgauss.engines.finetune.resolve_preprocessing`)."""
     kind = data.get("kind")
     if kind not in DATA_KINDS:
         raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {kind!r}")
-    pre = resolve_preprocessing(data.get("preprocessing") or {}, preprocessing)
+    pre = dict(data["preprocessing"])
     size = list(img_size)
     if kind == "synthetic":
         deformation = data.get("deformation") or {}
@@ -100,17 +99,16 @@ def run(cfg: DictConfig, overrides: Sequence[str] | None = None) -> TrainResult:
     engine = TrainingEngine(**_plain(cfg.trainer))
     cfg.trainer.run_dir = str(engine.run_dir)
     checkpoint = cfg.pretrained.get("checkpoint")
+    model, pretraining = build_model(None if checkpoint is None else str(checkpoint), _plain(cfg.get("encoder")),
+                                     _plain(cfg.model) or {})
     # the preprocessing the run uses, recorded resolved in config.yaml (medgauss-register reads it from there)
-    pretraining = None if checkpoint is None else run_preprocessing(str(checkpoint))
     cfg.data.preprocessing = resolve_preprocessing(_plain(cfg.data.get("preprocessing")) or {}, pretraining)
     written = engine.save_config(OmegaConf.to_container(cfg, resolve=True), overrides)
     engine.print(f"run dir: {engine.run_dir}  (world size {engine.accelerator.num_processes}); config: {written.name}")
-    model, preprocessing = build_model(None if checkpoint is None else str(checkpoint), _plain(cfg.get("encoder")),
-                                       _plain(cfg.model) or {})
     source = f"pretrained {checkpoint}" if checkpoint is not None else "from scratch"
     engine.print(f"ViTRegistrationNet {source}: img_size {list(model.img_size)}, "
                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    dataset, validator = build_data(_plain(cfg.data), model.img_size, preprocessing)
+    dataset, validator = build_data(_plain(cfg.data), model.img_size)
     task = RegistrationTask(**_plain(cfg.loss))
     optimizer, scheduler = build_optimizer(model, max_steps=engine.max_steps, **_plain(cfg.optim))
     return engine.fit(model, task, dataset, optimizer, scheduler, validator=validator)
